@@ -1,0 +1,253 @@
+"""Typed config schemas (Hydra structured configs) and the one validation pass.
+
+Hydra checks types and unknown keys while composing; `validate` checks values once at start-up and names
+the key, the bad value and what is allowed. Past this module the code receives a plain `Config` object,
+never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from dtrain import world as world_env
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is shown to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist_sample"
+    root: Optional[str] = None  # folder of the full data sets (mnist, cifar10, imagefolder)
+    download: bool = True  # fetch mnist/cifar10 with torchvision when missing and a network exists
+    verify_checksums: bool = True  # md5 of the official CIFAR-10 files
+    batch_size: int = 128  # GLOBAL batch per micro-step, split evenly across ranks
+    eval_batch_size: int = 1000  # global batch for validation/test
+    val_fraction: float = 0.1  # share of the training split held out for validation
+    split_seed: int = 0  # fixes the train/val split independently of the training seed
+    num_workers: int = 0
+    drop_last: bool = True  # False: pad the sampler and keep the short last batch
+    augment: bool = False  # random crop (padding 4) + horizontal flip, for 3-channel images
+    normalize: bool = True
+    mean: Optional[list[float]] = None  # per channel; None: the data set's own statistics
+    std: Optional[list[float]] = None
+    image_size: int = 32  # imagefolder: images are resized to this square
+    # synthetic / regression
+    shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    num_classes: int = 10
+    num_samples: int = 2048
+    noise: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8
+    alpha: float = 0.99  # rmsprop
+
+
+@dataclass
+class SchedConfig:
+    name: str = "none"
+    warmup_steps: int = 0  # linear warm-up from warmup_start_factor*lr, in optimizer steps
+    warmup_start_factor: float = 0.1
+    step_size: int = 1  # step: decay every step_size epochs
+    gamma: float = 0.1  # step: decay factor
+    min_lr: float = 0.0  # cosine: floor
+    pct_start: float = 0.3  # onecycle: share of the run spent rising to optim.lr
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    max_steps: int = -1  # optimizer steps; > 0 stops early
+    precision: str = "32"  # 32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    accumulate_grad_batches: int = 1
+    label_smoothing: float = 0.0
+    log_every_n_steps: int = 50
+    compile: bool = False
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 300.0  # collectives and forming the world
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_n_epochs: int = 1  # 0 = only at the end
+    every_n_steps: int = 0  # 0 = off
+    keep_last: int = 2
+    monitor: str = "auto"  # metric for best.pt: auto (val_acc, else val_loss) | val_acc | val_loss
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "default"
+    console: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class DebugConfig:
+    name: str = "none"
+    limit_batches: int = 0  # > 0: at most this many train/val/test batches per epoch (debug=fast)
+    overfit_batches: int = 0  # > 0: train and validate on these first fixed batches (debug=overfit)
+    detect_anomaly: bool = False  # autograd anomaly mode + stop at the first non-finite loss
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    name: str = "${model.name}-${data.name}"
+    seed: int = 0
+    resume: str = "auto"  # auto | none | PATH to a checkpoint file
+
+
+# The registries' names are imported lazily by `validate` so this module stays import-light for Hydra.
+PRECISIONS = ("32", "bf16", "fp16")
+BACKENDS = ("auto", "nccl", "gloo")
+MONITORS = ("auto", "val_acc", "val_loss")
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="dtrain_schema", node=Config)
+    # Every rank must agree on one run folder, yet Hydra resolves it per process before any
+    # communication exists; the run id therefore comes from what the launcher shares (see world.py).
+    if not OmegaConf.has_resolver("dtrain_run_id"):
+        OmegaConf.register_new_resolver("dtrain_run_id", world_env.shared_run_id, use_cache=True)
+        # Only the main process lets Hydra write its .hydra/ folder into the run folder.
+        OmegaConf.register_new_resolver(
+            "dtrain_hydra_subdir", lambda: ".hydra" if world_env.env_rank() == 0 else None
+        )
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed DictConfig as a typed, resolved, validated `Config`."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    validate(obj)
+    return obj
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _one_of(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(key, value, "choose one of " + ", ".join(map(str, choices)))
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        _fail(key, value, "must be > 0")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        _fail(key, value, "must be >= 0")
+
+
+def validate(cfg: Config) -> None:
+    """Check every value once, before anything is built. Raises ConfigError naming the key."""
+    from dtrain import data, models, optim  # registries
+
+    _one_of("model", cfg.model.name, sorted(models.MODELS))
+    _one_of("data", cfg.data.name, sorted(data.DATASETS))
+    _one_of("optim", cfg.optim.name, sorted(optim.OPTIMIZERS))
+    _one_of("sched", cfg.sched.name, sorted(optim.SCHEDULES))
+    _one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    _one_of("dist.backend", cfg.dist.backend, BACKENDS)
+    _one_of("checkpoint.monitor", cfg.checkpoint.monitor, MONITORS)
+
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("data.batch_size", cfg.data.batch_size)
+    _positive("data.eval_batch_size", cfg.data.eval_batch_size)
+    _positive("trainer.epochs", cfg.trainer.epochs)
+    _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
+    _positive("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps)
+    _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
+        _fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")
+    for key in ("optim.weight_decay", "optim.eps", "optim.momentum", "trainer.grad_clip",
+                "trainer.label_smoothing", "data.num_workers", "data.noise", "sched.warmup_steps",
+                "sched.min_lr", "checkpoint.every_n_epochs", "checkpoint.every_n_steps",
+                "debug.limit_batches", "debug.overfit_batches"):
+        section, name = key.split(".")
+        _non_negative(key, getattr(getattr(cfg, section), name))
+    if not 0 <= cfg.trainer.label_smoothing < 1:
+        _fail("trainer.label_smoothing", cfg.trainer.label_smoothing, "must be in [0, 1)")
+    if not 0 < cfg.data.val_fraction < 1:
+        _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    if not 0 < cfg.sched.pct_start < 1:
+        _fail("sched.pct_start", cfg.sched.pct_start, "must be in (0, 1)")
+    if not 0 < cfg.sched.warmup_start_factor <= 1:
+        _fail("sched.warmup_start_factor", cfg.sched.warmup_start_factor, "must be in (0, 1]")
+    if cfg.sched.name == "onecycle" and cfg.sched.warmup_steps:
+        _fail("sched.warmup_steps", cfg.sched.warmup_steps,
+              "sched=onecycle warms up by itself (sched.pct_start); set sched.warmup_steps=0")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        _fail("optim.betas", cfg.optim.betas, "two numbers in [0, 1)")
+    if cfg.sched.step_size < 1:
+        _fail("sched.step_size", cfg.sched.step_size, "must be >= 1 (epochs)")
+    if cfg.data.num_samples < 2:
+        _fail("data.num_samples", cfg.data.num_samples, "must be >= 2")
+    if cfg.data.num_classes < 2:
+        _fail("data.num_classes", cfg.data.num_classes, "must be >= 2")
+    if not cfg.data.shape or any(d < 1 for d in cfg.data.shape):
+        _fail("data.shape", cfg.data.shape, "a list of positive sizes, e.g. [1,28,28] or [8]")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value is not None and (not value or (key == "std" and min(value) <= 0)):
+            _fail(f"data.{key}", value, "one number per channel" + (", all > 0" if key == "std" else ""))
+    if cfg.trainer.device not in ("auto", "cpu", "cuda") and not cfg.trainer.device.startswith("cuda:"):
+        _fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
+    if cfg.trainer.precision == "fp16" and cfg.trainer.device == "cpu":
+        _fail("trainer.precision", "fp16", "fp16 needs a CUDA device; use bf16 on CPU")
+    if cfg.resume not in ("auto", "none") and not cfg.resume:
+        _fail("resume", cfg.resume, "auto, none or the path of a checkpoint file")
+
+
+def check_batch_split(cfg: Config, world_size: int) -> None:
+    """The global batch sizes must split evenly across ranks so results do not depend on world size."""
+    for key in ("batch_size", "eval_batch_size"):
+        value = getattr(cfg.data, key)
+        if value % world_size:
+            _fail(f"data.{key}", value,
+                  f"the global batch must divide evenly by the world size {world_size}")
+
+
+def as_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,289 @@
+"""Data sets (registered by name) and the rank-aware loaders.
+
+Every builder returns `Splits`: train/val(/test) datasets yielding (input, target) plus what the model
+needs to know (task, input shape, output size). Images are held as uint8 tensors and turned into
+normalised float tensors by torchvision transforms per sample.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision.transforms import v2
+
+from dtrain import world as w
+from dtrain.config import Config, ConfigError, DataConfig
+
+SAMPLE_DIR = Path(__file__).parent / "assets" / "mnist_sample"
+
+
+class DataError(RuntimeError):
+    """A data set that is missing or unreadable; the message says which files to put where."""
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Optional[Dataset]
+    task: str  # classification | regression
+    shape: tuple[int, ...]  # one input's shape
+    out: int  # classes, or regression targets
+
+
+class ImageTensors(Dataset):
+    """uint8 images [N, C, H, W] with int labels, passed through a torchvision transform per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
+        self.images, self.labels, self.transform = images, labels.long(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int, size: int):
+    """(train, eval) transforms on uint8 CHW tensors. Mean/std default to the training images' own."""
+    steps: list = [v2.ToDtype(torch.float32, scale=True)]
+    if cfg.normalize:
+        if cfg.mean is not None or cfg.std is not None:
+            mean, std = cfg.mean or [0.5] * channels, cfg.std or [0.5] * channels
+        elif images is not None:
+            x = images.float().div_(255).transpose(0, 1).reshape(channels, -1)
+            mean, std = x.mean(1).tolist(), x.std(1).tolist()
+        else:
+            mean, std = [0.5] * channels, [0.5] * channels
+        if len(mean) != channels or len(std) != channels:
+            raise ConfigError(f"data.mean/data.std={mean}/{std} need {channels} value(s), one per channel")
+        steps.append(v2.Normalize(mean, std))
+    augment = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()] if cfg.augment else []
+    return v2.Compose(augment + steps), v2.Compose(steps)
+
+
+def _split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic train/val index split that depends only on data.split_seed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, classes=10) -> Splits:
+    """Splits from uint8 image tensors [N, C, H, W]; val is carved out of train."""
+    tr, va = _split(len(train_y), cfg)
+    t_train, t_eval = _transforms(cfg, train_x[tr], train_x.shape[1], train_x.shape[-1])
+    test = ImageTensors(test_x, test_y, t_eval) if test_x is not None else None
+    return Splits(ImageTensors(train_x[tr], train_y[tr], t_train), ImageTensors(train_x[va], train_y[va], t_eval),
+                  test, "classification", tuple(train_x.shape[1:]), classes)
+
+
+def _read_idx_gz(path: Path) -> torch.Tensor:
+    # torchvision's IDX reader no longer opens .gz files; the format is a 4-byte magic whose last byte
+    # is the rank, big-endian int32 sizes, then uint8 data.
+    raw = gzip.decompress(path.read_bytes())
+    rank = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=rank, offset=4)
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims).copy())
+
+
+def mnist_sample(cfg: DataConfig, world: w.World) -> Splits:
+    images = _read_idx_gz(SAMPLE_DIR / "t10k-images-idx3-ubyte.gz").unsqueeze(1)
+    labels = _read_idx_gz(SAMPLE_DIR / "t10k-labels-idx1-ubyte.gz")
+    return _image_splits(cfg, images, labels)
+
+
+def _root(cfg: DataConfig, layout: str) -> Path:
+    if not cfg.root:
+        raise ConfigError(f"data.root is required for data={cfg.name}: the folder that holds {layout}")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.root={cfg.root!r} does not exist: create it and put {layout} inside")
+    return root
+
+
+def _load_official(cfg: DataConfig, world: w.World, layout: str, files: str, load: Callable):
+    """`load(download)` -> (train, test); the main rank (down)loads first, the others then read."""
+    with w.main_first(world):
+        try:
+            return load(cfg.download and world.is_main)
+        except (RuntimeError, OSError) as e:
+            how = "the download failed" if cfg.download else "data.download=false"
+            raise DataError(f"data={cfg.name}: files not found or unreadable in {cfg.root} ({how}: "
+                            f"{str(e).splitlines()[0]}); put {files} in {layout}") from e
+
+
+def mnist(cfg: DataConfig, world: w.World) -> Splits:
+    root = _root(cfg, "MNIST/raw/")
+    files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+
+    def load(download: bool):
+        return torchvision.datasets.MNIST(str(root), train=True, download=download), \
+            torchvision.datasets.MNIST(str(root), train=False)
+
+    train, test = _load_official(cfg, world, f"{root}/MNIST/raw/", files, load)
+    return _image_splits(cfg, train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets)
+
+
+class _CIFAR10(torchvision.datasets.CIFAR10):
+    def __init__(self, root: str, train: bool, download: bool, verify: bool):
+        if not verify:  # torchvision's check_integrity(path, None) only checks that the file exists
+            self.train_list = [(f, None) for f, _ in self.train_list]
+            self.test_list = [(f, None) for f, _ in self.test_list]
+            self.meta = {**self.meta, "md5": None}
+        super().__init__(root, train=train, download=download)
+
+
+def cifar10(cfg: DataConfig, world: w.World) -> Splits:
+    root = _root(cfg, "cifar-10-batches-py/")
+    files = "data_batch_1..5, test_batch and batches.meta (the CIFAR-10 python version)"
+
+    def load(download: bool):
+        return _CIFAR10(str(root), True, download, cfg.verify_checksums), \
+            _CIFAR10(str(root), False, False, cfg.verify_checksums)
+
+    train, test = _load_official(cfg, world, f"{root}/cifar-10-batches-py/", files, load)
+
+    def chw(d) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)
+
+    return _image_splits(cfg, *chw(train), *chw(test), classes=len(train.classes))
+
+
+def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
+    """The user's images in root/train/<class>/, optional root/val/ and root/test/, streamed from disk."""
+    root = _root(cfg, "train/<class>/<image> (and optionally val/ and test/)")
+    if not (root / "train").is_dir():
+        raise ConfigError(f"data.root={cfg.root!r} has no train/ folder: put images in train/<class>/")
+    t_train, t_eval = _transforms(cfg, None, 3, cfg.image_size)
+    resize = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size))]
+    train_tf, eval_tf = v2.Compose(resize + [t_train]), v2.Compose(resize + [t_eval])
+
+    def folder(name: str, tf) -> Optional[torchvision.datasets.ImageFolder]:
+        return torchvision.datasets.ImageFolder(str(root / name), transform=tf) if (root / name).is_dir() else None
+
+    try:
+        train = folder("train", train_tf)
+        val, test = folder("val", eval_tf), folder("test", eval_tf)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"data=imagefolder: {e}; put images in {root}/train/<class>/") from e
+    if val is None:  # carve val out of train, seen through the eval transform
+        tr, va = _split(len(train), cfg)
+        val = Subset(torchvision.datasets.ImageFolder(str(root / "train"), transform=eval_tf), va.tolist())
+        train = Subset(train, tr.tolist())
+    classes = len(folder("train", None).classes)
+    return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), classes)
+
+
+def synthetic(cfg: DataConfig, world: w.World) -> Splits:
+    """Random inputs of any shape whose labels a fixed random linear map decides (so they are learnable)."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    n, shape = cfg.num_samples, tuple(cfg.shape)
+    x = torch.randn(n, *shape, generator=g)
+    proj = torch.randn(math.prod(shape), cfg.num_classes, generator=g)
+    y = (x.flatten(1) @ proj).argmax(1)
+    return _tensor_splits(cfg, x, y, "classification", cfg.num_classes)
+
+
+def regression(cfg: DataConfig, world: w.World) -> Splits:
+    """y = x . coef + bias + noise, with coefficients fixed by data.split_seed (see `regression_truth`)."""
+    coef, bias = regression_truth(cfg)
+    g = torch.Generator().manual_seed(cfg.split_seed + 1)
+    x = torch.randn(cfg.num_samples, *cfg.shape, generator=g)
+    y = x.flatten(1) @ coef + bias + cfg.noise * torch.randn(cfg.num_samples, 1, generator=g)
+    return _tensor_splits(cfg, x, y, "regression", 1)
+
+
+def regression_truth(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    return torch.randn(math.prod(cfg.shape), 1, generator=g), torch.randn(1, generator=g)
+
+
+def _tensor_splits(cfg: DataConfig, x, y, task: str, out: int) -> Splits:
+    """Train/val/test as 80/10/10 (val set by data.val_fraction; test the same size)."""
+    tr, va = _split(len(y), cfg)
+    n_test = len(va)
+    te, tr = tr[:n_test], tr[n_test:]
+    ds = torch.utils.data.TensorDataset
+    return Splits(ds(x[tr], y[tr]), ds(x[va], y[va]), ds(x[te], y[te]), task, tuple(x.shape[1:]), out)
+
+
+DATASETS: dict[str, Callable[[DataConfig, w.World], Splits]] = {
+    "mnist_sample": mnist_sample,
+    "mnist": mnist,
+    "cifar10": cifar10,
+    "imagefolder": imagefolder,
+    "synthetic": synthetic,
+    "regression": regression,
+}
+
+
+def build(cfg: DataConfig, world: w.World) -> Splits:
+    return DATASETS[cfg.name](cfg, world)
+
+
+# -- samplers and loaders ---------------------------------------------------------------------------
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (for exact mid-epoch resume).
+
+    With the global batch B split into B/world per rank, global batch i is the same set of samples
+    whatever the world size, so a saved position is re-sharded correctly on any world size.
+    """
+
+    def __init__(self, dataset, world: w.World, shuffle: bool, seed: int, drop_last: bool):
+        super().__init__(dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.skip = 0  # samples of this rank's shard to skip, this epoch only
+
+    def set_position(self, epoch: int, global_samples_done: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = global_samples_done // self.num_replicas
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes samples r, r+world, ...: every sample exactly once, no padding (for evaluation)."""
+
+    def __init__(self, n: int, world: w.World):
+        self.indices = range(world.rank, n, world.world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True) -> DataLoader:
+    sampler = TrainSampler(ds, world, shuffle, cfg.seed, cfg.data.drop_last)
+    per_rank = cfg.data.batch_size // world.world_size
+    if len(sampler) < per_rank and cfg.data.drop_last:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+                          f"({len(ds)} samples): no full batch fits; lower it or set data.drop_last=false")
+    return DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=cfg.data.drop_last,
+                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                      pin_memory=world.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(cfg.seed + world.rank))
+
+
+def eval_loader(ds: Dataset, cfg: Config, world: w.World) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg.data.eval_batch_size // world.world_size,
+                      sampler=ShardSampler(len(ds), world), num_workers=cfg.data.num_workers,
+                      pin_memory=world.device.type == "cuda")

@@ -1,0 +1,118 @@
+"""Rank-aware logging: the main process writes the console, train.log and metrics sinks; other ranks
+only report warnings and errors, prefixed with their rank. New sinks (wandb, TensorBoard, ...) are one
+entry in SINKS."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Protocol
+
+from dtrain.config import LoggerConfig
+from dtrain.world import World
+
+log = logging.getLogger("dtrain")
+
+
+def setup_console(world: World, run_dir: Path | None) -> None:
+    """Main rank: INFO to stdout and run_dir/train.log. Other ranks: WARNING and above to stderr."""
+    log.handlers.clear()
+    log.propagate = False
+    if world.is_main:
+        log.setLevel(logging.INFO)
+        log.addHandler(_handler(logging.StreamHandler(sys.stdout), "%(message)s"))
+        if run_dir is not None:
+            log.addHandler(_handler(logging.FileHandler(run_dir / "train.log"),
+                                    "%(asctime)s %(levelname)s %(message)s"))
+    else:
+        log.setLevel(logging.WARNING)
+        log.addHandler(_handler(logging.StreamHandler(sys.stderr), f"[rank {world.rank}] %(message)s"))
+
+
+def _handler(h: logging.Handler, fmt: str) -> logging.Handler:
+    h.setFormatter(logging.Formatter(fmt))
+    return h
+
+
+def to_file(line: str) -> None:
+    """Record an error line in train.log only (the caller prints it to the console itself)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+def close_console() -> None:
+    for h in log.handlers:
+        h.close()
+    log.handlers.clear()
+
+
+class Sink(Protocol):
+    def write(self, kind: str, metrics: dict) -> None: ...  # kind: "step" | "epoch"
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """metrics.jsonl: one JSON object per epoch, appended and flushed as it happens."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig):
+        self.path = run_dir / "metrics.jsonl"
+        self.f = self.path.open("a")
+
+    def write(self, kind: str, metrics: dict) -> None:
+        if kind == "epoch":
+            self.f.write(json.dumps(metrics) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.4f}"
+    return str(v)
+
+
+class ConsoleSink:
+    def __init__(self, run_dir: Path, cfg: LoggerConfig):
+        pass
+
+    def write(self, kind: str, metrics: dict) -> None:
+        head = f"epoch {metrics['epoch']} step {metrics['step']}"
+        rest = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("epoch", "step"))
+        log.info(f"{head} | {rest}" if kind == "epoch" else f"  {head} {rest}")
+
+    def close(self) -> None:
+        pass
+
+
+SINKS: dict[str, Callable[[Path, LoggerConfig], Sink]] = {
+    "console": ConsoleSink,
+    "jsonl": JsonlSink,
+}
+
+
+class MetricLogger:
+    """Fans metrics out to the configured sinks; holds none on non-main ranks."""
+
+    def __init__(self, world: World, run_dir: Path, cfg: LoggerConfig):
+        names = [n for n in SINKS if getattr(cfg, n, False)] if world.is_main else []
+        self.sinks: list[Sink] = [SINKS[n](run_dir, cfg) for n in names]
+
+    def step(self, metrics: dict) -> None:
+        for s in self.sinks:
+            s.write("step", metrics)
+
+    def epoch(self, metrics: dict) -> None:
+        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        for s in self.sinks:
+            s.write("epoch", metrics)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()

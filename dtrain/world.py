@@ -1,0 +1,242 @@
+"""The one place that knows the process world: rank, world size, device, backend.
+
+It reads what the launcher set (torchrun's variables, else SLURM's when started by `srun`, else the
+single-process defaults), forms the process group, and offers the few collectives the rest of the code
+needs; they are no-ops in a single process, so callers never branch on the world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+
+class WorldError(RuntimeError):
+    """The process world cannot be formed as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    num_nodes: int = 1
+    launcher: str = "single"  # single | torchrun | slurm
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        return (f"world_size={self.world_size} nodes={self.num_nodes} launcher={self.launcher} "
+                f"device={self.device} backend={self.backend if self.distributed else '-'}")
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    return int(env[key]) if env.get(key, "") != "" else default
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise WorldError(f"cannot read SLURM_NODELIST={nodelist!r}; set MASTER_ADDR to the first node")
+    prefix, ranges = m.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _launch_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Rank, sizes and rendezvous address as the launcher describes them (no device, no backend)."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or a manual env:// launch)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "WORLD_SIZE", 1))
+        return dict(
+            rank=_int(env, "RANK", 0), local_rank=_int(env, "LOCAL_RANK", 0),
+            world_size=_int(env, "WORLD_SIZE", 1), local_world_size=local_world,
+            num_nodes=_int(env, "GROUP_WORLD_SIZE", max(1, _int(env, "WORLD_SIZE", 1) // local_world)),
+            launcher="torchrun", master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", 29500),
+        )
+    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):  # inside `srun`
+        ntasks = _int(env, "SLURM_NTASKS", 1)
+        nnodes = _int(env, "SLURM_NNODES", 1)
+        # SLURM_STEP_TASKS_PER_NODE may read '2(x3)'; tasks are spread evenly in the layouts we launch.
+        local_world = int(re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", "")
+                                   or str(max(1, ntasks // nnodes))).group())
+        job = _int(env, "SLURM_JOB_ID", 0)
+        return dict(
+            rank=_int(env, "SLURM_PROCID", 0), local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=ntasks, local_world_size=local_world, num_nodes=nnodes, launcher="slurm",
+            master_addr=env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_NODELIST", "localhost")),
+            # Derived from the job id so concurrent jobs sharing a node do not collide.
+            master_port=_int(env, "MASTER_PORT", 20000 + job % 20000),
+        )
+    return dict(launcher="single")
+
+
+def env_rank(env: Mapping[str, str] = os.environ) -> int:
+    return _launch_env(env).get("rank", 0)
+
+
+def shared_run_id(env: Mapping[str, str] = os.environ) -> str:
+    """A run id every process of one launch computes identically, with no communication.
+
+    DTRAIN_RUN_ID wins; a SLURM job id survives requeues (so `resume=auto` finds the run); torchrun's
+    rendezvous id is shared by all nodes; on one node its agent's start time is shared by the local
+    ranks and survives torchrun's restarts; a lone process uses the time now.
+    """
+    if env.get("DTRAIN_RUN_ID"):
+        return env["DTRAIN_RUN_ID"]
+    if env.get("SLURM_JOB_ID"):
+        task = env.get("SLURM_ARRAY_TASK_ID")
+        return f"job{env['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
+    stamp = "%Y-%m-%d_%H-%M-%S"
+    if "TORCHELASTIC_RUN_ID" in env:
+        if _int(env, "GROUP_WORLD_SIZE", 1) > 1:
+            return "rdzv-" + env["TORCHELASTIC_RUN_ID"]
+        started = _process_start_time(os.getppid())
+        if started is not None:
+            return time.strftime(stamp, time.localtime(started))
+    return time.strftime(stamp)
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Start time (epoch seconds) of a process, from Linux's /proc; None where that is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def from_env(device: str = "auto", backend: str = "auto",
+             env: Mapping[str, str] = os.environ) -> World:
+    """Describe this process's world; raises WorldError for a world that cannot work."""
+    info = _launch_env(env)
+    local_rank, local_world = info.get("local_rank", 0), info.get("local_world_size", 1)
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WorldError(f"trainer.device={device} but this machine has no CUDA device; "
+                             "use trainer.device=cpu (or auto)")
+        if local_world > torch.cuda.device_count() and info.get("world_size", 1) > 1:
+            raise WorldError(f"{local_world} processes on this node but only "
+                             f"{torch.cuda.device_count()} CUDA device(s); launch at most "
+                             f"{torch.cuda.device_count()} per node (--nproc_per_node)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise WorldError(f"trainer.device={device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise WorldError("dist.backend=nccl needs CUDA devices; this process runs on "
+                         f"{dev}: use dist.backend=gloo (or auto)")
+    return World(**info, device=dev, backend=backend)
+
+
+@contextlib.contextmanager
+def process_group(world: World, timeout_s: float) -> Iterator[World]:
+    """Form the process group (if there is more than one process) and always tear it down."""
+    if world.distributed:
+        if world.launcher == "slurm":  # env:// reads these; torchrun sets them itself
+            os.environ.setdefault("MASTER_ADDR", world.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(world.master_port))
+            os.environ.setdefault("RANK", str(world.rank))
+            os.environ.setdefault("WORLD_SIZE", str(world.world_size))
+        if world.device.type == "cuda":
+            torch.cuda.set_device(world.device)
+        try:
+            dist.init_process_group(
+                world.backend, rank=world.rank, world_size=world.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=world.device if world.device.type == "cuda" else None,
+            )
+        except (RuntimeError, TimeoutError, ValueError) as e:
+            raise WorldError(
+                f"rank {world.rank}: could not form the process group of {world.world_size} at "
+                f"{world.master_addr}:{world.master_port} within {timeout_s:g}s "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that every "
+                "rank was started and can reach that address (dist.timeout_s sets the wait)"
+            ) from e
+    try:
+        yield world
+    finally:
+        # Release model/optimizer/loader references before destroying the group: gloo otherwise
+        # aborts at exit now and then ("terminate called without an active exception").
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -- the collectives the rest of the code uses; identity in a single process -------------------------
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """The main rank runs the block first (a download, say), then the others; also when it raises."""
+    if not world.is_main:
+        barrier()
+    try:
+        yield
+    finally:
+        if world.is_main:
+            barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (for stopping together)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
