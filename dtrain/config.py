@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import world as world_env
 
@@ -152,9 +153,19 @@ def register() -> None:
         )
 
 
+def to_object(cfg: DictConfig) -> Any:
+    """OmegaConf.to_object, with a missing or ill-typed value reported as a one-line ConfigError."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from e
+
+
 def to_config(cfg: DictConfig) -> Config:
     """The composed DictConfig as a typed, resolved, validated `Config`."""
-    obj = OmegaConf.to_object(cfg)
+    obj = to_object(cfg)
     assert isinstance(obj, Config)
     validate(obj)
     return obj

@@ -61,15 +61,17 @@ class JsonlSink:
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig):
         self.path = run_dir / "metrics.jsonl"
-        self.f = self.path.open("a")
+        self.f = None  # opened on the first epoch, so a run that fails before one leaves no file
 
     def write(self, kind: str, metrics: dict) -> None:
         if kind == "epoch":
+            self.f = self.f or self.path.open("a")
             self.f.write(json.dumps(metrics) + "\n")
             self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f:
+            self.f.close()
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,90 @@
+"""Helpers shared by the tests: compose the real config, build a trainer in-process, run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dtrain import config
+from dtrain.__main__ import CONF_DIR
+
+config.register()
+
+ROOT = Path(__file__).resolve().parent.parent
+# Child processes: quiet, offline, one thread each (2 cores are shared by up to 4 processes).
+CHILD_ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+             "HYDRA_FULL_ERROR": "0"}
+CHILD_ENV.pop("DTRAIN_RUN_ID", None)
+
+
+def compose_dcfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def make_config(*overrides: str) -> config.Config:
+    """The real composed config with `overrides`, typed and validated."""
+    return config.to_config(compose_dcfg(*overrides))
+
+
+def make_trainer(tmp_path: Path, *overrides: str, world=None):
+    from dtrain import world as w
+    from dtrain.trainer import Trainer
+    cfg = make_config(*overrides)
+    tmp_path.mkdir(parents=True, exist_ok=True)  # Hydra makes the run folder in a real run
+    return Trainer(cfg, world or w.from_env(cfg.trainer.device, cfg.dist.backend, env={}), tmp_path)
+
+
+class Run:
+    """A finished CLI run: exit code, output, and its run folder's files."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.code, self.out, self.err, self.dir = proc.returncode, proc.stdout, proc.stderr, run_dir
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.dir / "summary.json").read_text())
+
+    @property
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines()]
+
+    def __repr__(self) -> str:  # shown when an assertion fails
+        return f"Run(code={self.code})\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-5000:]}"
+
+
+def run_cli(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 240, env: dict | None = None,
+            module: str = "dtrain", launcher: list[str] | None = None) -> Run:
+    """`python -m dtrain` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m dtrain`."""
+    if launcher is None:
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    cmd = [*launcher, "-m", module, *overrides]
+    if module == "dtrain" and not any(o.startswith("hydra.run.dir=") for o in overrides):
+        cmd.append(f"hydra.run.dir={run_dir}")
+    proc = subprocess.run(cmd, cwd=ROOT, env={**CHILD_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    return Run(proc, run_dir)
+
+
+@pytest.fixture
+def quiet_logs():
+    """Silence the dtrain logger's handlers between in-process trainers."""
+    from dtrain import logs
+    yield
+    logs.close_console()
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_yaml(path: Path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path))

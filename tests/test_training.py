@@ -1,0 +1,180 @@
+"""The loop trains every workload, repeats exactly, and its knobs (schedules, accumulation, clipping,
+debug modes) do what they say. In-process on CPU with the real composed config."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dtrain import data, optim
+from dtrain.config import ConfigError
+from conftest import make_config, make_trainer, params
+
+FAST = ("checkpoint.enabled=false", "logger=none")
+SYNTH = ("data=synthetic", "data.num_samples=256", "data.batch_size=32", "data.eval_batch_size=64")
+
+
+@pytest.mark.parametrize("model,shape", [
+    ("mlp", "[1,28,28]"), ("mlp3", "[1,28,28]"), ("lenet", "[1,28,28]"), ("lenet", "[3,32,32]"),
+    ("convnet", "[3,32,32]"), ("resnet18", "[3,32,32]"),
+])
+def test_each_classifier_trains_and_its_training_loss_falls(tmp_path, quiet_logs, model, shape):
+    t = make_trainer(tmp_path, f"model={model}", *SYNTH, f"data.shape={shape}", "trainer.epochs=3",
+                     "optim.lr=1e-3", "checkpoint.enabled=false")
+    summary = t.fit()
+    t.close()
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 3 * (204 // 32)
+    assert losses[-1] < losses[0]
+    assert 0 <= summary["test_acc"] <= 1 and summary["world_size"] == 1
+
+
+def test_mlp_on_the_bundled_mnist_sample_reaches_94_percent(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, *FAST)
+    summary = t.fit()
+    assert summary["val_acc"] >= 0.94 and summary["epochs"] == 5
+
+
+def test_linear_regression_recovers_the_known_coefficients(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, "model=linear", "data=regression", "optim=sgd", "optim.lr=0.05",
+                     "optim.weight_decay=0", "trainer.epochs=10", *FAST)
+    summary = t.fit()
+    coef, bias = data.regression_truth(t.cfg.data)
+    layer = t.model[1]
+    assert torch.allclose(layer.weight.detach().T, coef, atol=0.02)
+    assert torch.allclose(layer.bias.detach(), bias, atol=0.02)
+    assert summary["val_loss"] < 0.02 and "val_acc" not in summary  # MSE of noise 0.1 is 0.01
+
+
+def test_the_same_seed_repeats_a_cpu_run_exactly(tmp_path, quiet_logs):
+    runs = []
+    for i in range(2):
+        t = make_trainer(tmp_path / str(i), "model=lenet", *SYNTH, "trainer.epochs=2", "seed=7", *FAST)
+        t.fit()
+        runs.append((params(t.model), t.last_metrics))
+    assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
+    assert {k: v for k, v in runs[0][1].items() if "time" not in k and "per_sec" not in k} == \
+        {k: v for k, v in runs[1][1].items() if "time" not in k and "per_sec" not in k}
+
+
+def test_a_different_seed_gives_different_weights(tmp_path, quiet_logs):
+    a = make_trainer(tmp_path / "a", *SYNTH, "trainer.epochs=1", "seed=1", *FAST)
+    b = make_trainer(tmp_path / "b", *SYNTH, "trainer.epochs=1", "seed=2", *FAST)
+    assert not torch.equal(a.model[1].weight, b.model[1].weight)
+
+
+def test_gradient_accumulation_matches_the_equivalent_large_batch(tmp_path, quiet_logs):
+    common = ("model=mlp", *SYNTH, "data.shape=[16]", "optim=sgd", "optim.momentum=0", "trainer.max_steps=4", *FAST)
+    big = make_trainer(tmp_path / "big", *common, "data.batch_size=32")
+    small = make_trainer(tmp_path / "acc", *common, "data.batch_size=8", "trainer.accumulate_grad_batches=4")
+    big.fit(), small.fit()
+    assert big.progress.step == small.progress.step == 4
+    for k, v in params(big.model).items():
+        torch.testing.assert_close(params(small.model)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_each_sgd_update(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, *SYNTH, "optim=sgd", "optim.momentum=0", "optim.weight_decay=0",
+                     "optim.lr=1.0", "trainer.grad_clip=0.01", "trainer.max_steps=1", *FAST)
+    before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
+    t.fit()
+    after = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+    assert (after - before).norm() <= 0.01 + 1e-6
+
+
+def test_label_smoothing_raises_the_loss_of_confident_predictions():
+    from dtrain.trainer import loss_function
+    out, y = torch.tensor([[10.0, 0.0]]), torch.tensor([0])
+    assert loss_function("classification", 0.2)(out, y) > loss_function("classification", 0.0)(out, y)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_every_optimizer_trains(tmp_path, quiet_logs, name):
+    t = make_trainer(tmp_path, f"optim={name}", "optim.lr=1e-2", *SYNTH, "data.shape=[16]", "trainer.epochs=2", *FAST)
+    t.fit()
+    assert t.last_metrics["train_loss"] < math.log(10)
+
+
+def test_sgd_takes_momentum_nesterov_and_weight_decay():
+    cfg = make_config("optim=sgd", "optim.nesterov=true", "optim.weight_decay=0.1").optim
+    opt = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    group = opt.param_groups[0]
+    assert (group["nesterov"], group["momentum"], group["weight_decay"]) == (True, 0.9, 0.1)
+
+
+def lrs(*overrides, total=100, per_epoch=10):
+    cfg = make_config(*overrides)
+    opt = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
+    sched = optim.build_scheduler(opt, cfg.sched, cfg.optim.lr, total, per_epoch)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_linear_warmup_rises_to_the_base_lr():
+    lr = lrs("optim.lr=1.0", "sched=cosine", "sched.warmup_steps=10", "sched.warmup_start_factor=0.1")
+    assert lr[0] == pytest.approx(0.1) and lr[5] == pytest.approx(0.55) and lr[10] == pytest.approx(1.0)
+
+
+def test_cosine_decays_to_min_lr():
+    lr = lrs("optim.lr=1.0", "sched=cosine", "sched.min_lr=0.01")
+    assert lr[0] == pytest.approx(1.0) and lr[50] == pytest.approx(0.505) and lr[-1] < 0.02
+
+
+def test_step_decays_every_step_size_epochs():
+    lr = lrs("optim.lr=1.0", "sched=step", "sched.step_size=2", "sched.gamma=0.5")
+    assert (lr[19], lr[20], lr[40]) == pytest.approx((1.0, 0.5, 0.25))
+
+
+def test_onecycle_peaks_at_the_optimizer_lr():
+    lr = lrs("optim=sgd", "optim.lr=1.0", "sched=onecycle", "sched.pct_start=0.3")
+    assert max(lr) == pytest.approx(1.0, rel=1e-3) and lr.index(max(lr)) in (29, 30) and lr[-1] < 0.01
+
+
+def test_max_steps_stops_mid_epoch(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, *SYNTH, "trainer.max_steps=3", "trainer.epochs=5", *FAST)
+    summary = t.fit()
+    assert summary["steps"] == 3 and summary["epochs"] == 1
+
+
+def test_debug_fast_runs_a_couple_of_batches_and_writes_no_checkpoint(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, "debug=fast")
+    summary = t.fit()
+    assert summary["steps"] == 2 and summary["epochs"] == 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_debug_overfit_memorises_its_fixed_batches(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, "debug=overfit", "logger=none")
+    t.fit()
+    assert t.last_metrics["train_acc"] >= 0.99 and t.last_metrics["val_acc"] >= 0.99
+
+
+def test_debug_anomaly_stops_at_the_first_non_finite_loss_naming_step_and_batch(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, "debug=anomaly", "model=linear", "data=regression", "optim=sgd",
+                     "optim.lr=1e6", *FAST)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 0 step \d+ batch \d+"):
+        t.fit()
+
+
+def test_accumulating_more_batches_than_an_epoch_has_is_a_config_error(tmp_path, quiet_logs):
+    with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches=100"):
+        make_trainer(tmp_path, *SYNTH, "trainer.accumulate_grad_batches=100", *FAST)
+
+
+def test_the_run_folder_holds_metrics_per_epoch_and_a_summary(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, *SYNTH, "trainer.epochs=2", "checkpoint.enabled=false")
+    t.fit()
+    t.close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1]
+    for key in ("epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "samples_per_sec", "epoch_time_s"):
+        assert key in lines[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("val_loss", "val_acc", "test_acc", "wall_time_s", "world_size", "device", "samples_per_sec",
+                "config_name"):
+        assert key in summary
