@@ -6,6 +6,7 @@ world); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and it 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import traceback
@@ -44,7 +45,7 @@ def train(cfg: Config, world: w.World, run_dir: Path, resolved_yaml: str) -> Non
         trainer.close()
 
 
-def guarded(fn, world: w.World) -> int:
+def guarded(fn, world: w.World, timeout_s: float | None = None) -> int:
     """Run `fn` (returning an exit code or None), turning any exception into an exit code and a message
     that names this rank. Catching here, inside the process group's block, lets the traceback and all
     it holds (model, optimizer, loader) die before the group is torn down.
@@ -61,6 +62,11 @@ def guarded(fn, world: w.World) -> int:
         report(f"{prefix(world)}dtrain: error: {e}")
         return EXIT_BAD_INPUT
     except Exception as e:
+        if world.distributed and w.is_collective_failure(e):
+            report(f"{prefix(world)}dtrain: a collective did not complete within dist.timeout_s={timeout_s:g}: "
+                   f"another rank is stuck or has died (see its own message); "
+                   f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            return EXIT_FAILED
         report(f"{prefix(world)}dtrain: {type(e).__name__}: {e}", traceback.format_exc())
         return EXIT_FAILED
 
@@ -76,11 +82,16 @@ def report(line: str, detail: str = "") -> None:
         print(detail, file=sys.stderr, flush=True)
 
 
-def discard_if_resultless(run_dir: Path) -> None:
-    """Remove a run folder that bad input left holding no results (and never one that has any)."""
+def discard_if_resultless(run_dir: Path, world: w.World) -> None:
+    """Remove a run folder that bad input left holding no results (never one that has any). Hydra makes
+    the folder on every rank, so a slow rank may re-make it after the main rank removed it: each
+    non-main rank removes it too if it is empty."""
     results = ("metrics.jsonl", "summary.json", "checkpoints")
-    if run_dir.is_dir() and not any((run_dir / r).exists() for r in results):
+    if world.is_main and run_dir.is_dir() and not any((run_dir / r).exists() for r in results):
         shutil.rmtree(run_dir, ignore_errors=True)
+    elif not world.is_main:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -94,12 +105,13 @@ def main(dcfg: DictConfig) -> None:
         world = w.from_env(cfg.trainer.device, cfg.dist.backend)
         config.check_batch_split(cfg, world.world_size)
         with w.process_group(world, cfg.dist.timeout_s):
-            return guarded(lambda: train(cfg, world, run_dir, OmegaConf.to_yaml(dcfg, resolve=True)), world)
+            return guarded(lambda: train(cfg, world, run_dir, OmegaConf.to_yaml(dcfg, resolve=True)), world,
+                           cfg.dist.timeout_s)
 
     code = guarded(setup_and_train, world)
     logs.close_console()
-    if code == EXIT_BAD_INPUT and world.is_main:
-        discard_if_resultless(run_dir)
+    if code == EXIT_BAD_INPUT:
+        discard_if_resultless(run_dir, world)
     if code:
         sys.exit(code)
 

@@ -87,6 +87,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     log_every_n_steps: int = 50
     compile: bool = False
+    stop_grace_s: float = 20.0  # after SIGTERM/SIGUSR1, exit anyway if no clean stop came by then
 
 
 @dataclass
@@ -209,6 +210,7 @@ def validate(cfg: Config) -> None:
     _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
     _positive("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("trainer.stop_grace_s", cfg.trainer.stop_grace_s)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
         _fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import os
 import random
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,18 +75,33 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn, task: str, world: w.
 
 
 class StopSignal:
-    """Records SIGTERM/SIGUSR1 (how SLURM and torchrun announce preemption) for the loop to act on."""
+    """Records SIGTERM/SIGUSR1 (how SLURM and torchrun announce preemption or teardown) for the loop to
+    act on at its next step. A rank stuck where the loop cannot act (a collective whose peer died) would
+    never get there, so the first signal also arms a watchdog that exits after `grace_s`."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, grace_s: float):
         self.received: Optional[int] = None
+        self.grace_s = grace_s
+        self._watchdog: Optional[threading.Timer] = None
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            self._watchdog = threading.Timer(self.grace_s, self._expire, args=(signum,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _expire(self, signum: int) -> None:
+        print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of signal {signum} "
+              "(stuck in a collective?); exiting", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
     def restore(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for s, h in self._previous.items():
             signal.signal(s, h)
 
@@ -112,6 +129,9 @@ class Trainer:
         self.model = models.build(cfg.model.name, self.task, self.splits.shape, self.splits.out,
                                   cfg.data.name).to(world.device)
         if cfg.model.sync_batchnorm and world.distributed:
+            if world.device.type != "cuda":
+                raise ConfigError("model.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+                                  "CPU implementation); set model.sync_batchnorm=false on CPU")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net: nn.Module = (DDP(self.model, device_ids=[world.device.index] if world.device.type == "cuda"
                                    else None) if world.distributed else self.model)
@@ -163,7 +183,7 @@ class Trainer:
                  f"{self.world.describe()} global_batch={cfg.data.batch_size} run_dir={self.run_dir}")
         if cfg.debug.detect_anomaly:
             torch.autograd.set_detect_anomaly(True)
-        stop = StopSignal()
+        stop = StopSignal(cfg.trainer.stop_grace_s)
         start, train_time, train_samples, val = time.perf_counter(), 0.0, 0, None
         try:
             while p.epoch < cfg.trainer.epochs and not self.finished:
@@ -172,6 +192,7 @@ class Trainer:
                 epoch_time = time.perf_counter() - t0
                 train_time += epoch_time
                 train_samples += train["samples"]
+                w.broadcast_buffers(self.model)  # every rank evaluates and saves rank 0's model
                 val = evaluate(self.model, self.val_loader, self.loss_fn, self.task, self.world,
                                cfg.trainer.precision, cfg.debug.limit_batches)
                 self.log_epoch(train, val, epoch_time)
@@ -269,7 +290,8 @@ class Trainer:
                            cfg.trainer.precision, cfg.debug.limit_batches)
         summary = {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
                    "epochs": self.progress.epoch, "steps": self.progress.step,
-                   "train_loss": (self.last_metrics or {}).get("train_loss"), "val_loss": val["loss"]}
+                   "train_loss": (self.last_metrics or {}).get("train_loss"), "val_loss": val["loss"],
+                   "val_samples": val["samples"]}
         if "acc" in val:
             summary["val_acc"] = val["acc"]
         if self.test_loader is not None:

@@ -202,6 +202,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm running stats drift apart after DDP's last
+    forward, which broadcasts them only at its start)."""
+    if dist.is_initialized():
+        for b in module.buffers():
+            dist.broadcast(b, src)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """An error from a collective whose peers timed out or vanished (gloo/NCCL report these as text)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized():
         return obj

@@ -61,17 +61,35 @@ class Run:
 
 
 def run_cli(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 240, env: dict | None = None,
-            module: str = "dtrain", launcher: list[str] | None = None) -> Run:
-    """`python -m dtrain` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m dtrain`."""
+            target: tuple[str, ...] = ("-m", "dtrain"), launcher: list[str] | None = None) -> Run:
+    """`python -m dtrain` (nproc=1) or `torchrun --standalone --nproc_per_node=N -m dtrain`, with
+    `hydra.run.dir=run_dir`. `target=(FAULTS,)` runs the fault-injecting wrapper instead."""
     if launcher is None:
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                      f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    cmd = [*launcher, "-m", module, *overrides]
-    if module == "dtrain" and not any(o.startswith("hydra.run.dir=") for o in overrides):
+    cmd = [*launcher, *target, *overrides]
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
         cmd.append(f"hydra.run.dir={run_dir}")
     proc = subprocess.run(cmd, cwd=ROOT, env={**CHILD_ENV, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     return Run(proc, run_dir)
+
+
+FAULTS = str(ROOT / "tests" / "faults.py")
+
+
+def final_state(run: Run) -> dict:
+    """The model weights of a run's newest checkpoint."""
+    import torch
+    name = (run.dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run.dir / "checkpoints" / name, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture
@@ -88,3 +106,10 @@ def params(model) -> dict:
 
 def load_yaml(path: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,74 @@
+"""Run dtrain's real entry point with a fault injected from outside (no test hooks in dtrain itself).
+
+    torchrun --nproc_per_node=2 tests/faults.py key=value ...     with DTRAIN_FAULT=ACTION:RANK:STEP
+
+After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
+SIGKILL, or `term` it with SIGTERM (as SLURM does on preemption). Faults fire only in torchrun's first
+attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
+writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
+saves each rank's final model state to <run dir>/state-rank<R>.pt.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from dtrain import trainer
+from dtrain.__main__ import main
+
+
+def install() -> None:
+    spec = os.environ.get("DTRAIN_FAULT")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        action, rank, step = spec.split(":")
+        original = trainer.Trainer.optimizer_step
+
+        def faulty_step(self):
+            original(self)
+            if self.world.rank == int(rank) and self.progress.step == int(step):
+                if action == "raise":
+                    raise RuntimeError(f"injected failure at step {step}")
+                if action == "hang":
+                    time.sleep(10_000)
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if action == "term":
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        trainer.Trainer.optimizer_step = faulty_step
+
+    if os.environ.get("DTRAIN_FAULT_COUNT_ALLREDUCE"):
+        original_init = trainer.Trainer.__init__
+
+        def counting_init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            calls = {"n": 0}
+            path = self.run_dir / f"allreduce-rank{self.world.rank}.txt"
+
+            def hook(state, bucket):
+                calls["n"] += 1
+                path.write_text(str(calls["n"]))
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+                return allreduce_hook(None, bucket)
+
+            self.net.register_comm_hook(None, hook)
+
+        trainer.Trainer.__init__ = counting_init
+
+
+    if os.environ.get("DTRAIN_DUMP_STATE"):
+        original_fit = trainer.Trainer.fit
+
+        def dumping_fit(self):
+            result = original_fit(self)
+            import torch
+            torch.save(self.model.state_dict(), self.run_dir / f"state-rank{self.world.rank}.pt")
+            return result
+
+        trainer.Trainer.fit = dumping_fit
+
+
+if __name__ == "__main__":
+    install()
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""DDP semantics, each proven on real multi-process gloo groups launched by torchrun on the CPU."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CHILD_ENV, FAULTS, ROOT, Run, assert_same_weights, final_state, free_port, run_cli
+
+# 1,001 samples: the val split (100) and the train split do not divide evenly between 2 or 4 ranks.
+SMALL = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_samples=1001",
+         "data.batch_size=32", "data.eval_batch_size=64", "optim=sgd", "trainer.epochs=2", "seed=3")
+
+
+def comparable(summary: dict) -> dict:
+    return {k: summary[k] for k in ("steps", "val_loss", "val_acc", "val_samples", "test_acc")}
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    one = run_cli(tmp_path / "one", *SMALL)
+    two = run_cli(tmp_path / "two", *SMALL, nproc=2)
+    assert one.code == 0, one
+    assert two.code == 0, two
+    assert_same_weights(final_state(one), final_state(two))
+    # Evaluation counts each of the 100 validation samples once, though they split 50/50 and 64 per batch.
+    assert one.summary["val_samples"] == two.summary["val_samples"] == 100
+    for key, value in comparable(one.summary).items():
+        assert two.summary[key] == pytest.approx(value, abs=1e-6), key
+    assert two.summary["world_size"] == 2
+
+
+def test_accumulation_skips_the_all_reduce_on_micro_steps_and_matches_the_large_batch(tmp_path):
+    common = (*SMALL, "trainer.max_steps=5")
+    big = run_cli(tmp_path / "big", *common, "data.batch_size=64")
+    acc = run_cli(tmp_path / "acc", *common, "data.batch_size=16", "trainer.accumulate_grad_batches=4", nproc=2,
+                  target=(FAULTS,), env={"DTRAIN_FAULT_COUNT_ALLREDUCE": "1"})
+    assert big.code == 0, big
+    assert acc.code == 0, acc
+    # 5 optimizer steps x 4 micro-batches: DDP all-reduced once per optimizer step, not per micro-batch.
+    assert [(acc.dir / f"allreduce-rank{r}.txt").read_text() for r in (0, 1)] == ["5", "5"]
+    assert_same_weights(final_state(big), final_state(acc))
+
+
+CNN = ("model=convnet", "data=synthetic", "data.shape=[3,16,16]", "data.num_samples=400", "data.batch_size=32",
+       "data.eval_batch_size=64", "optim=sgd", "trainer.max_steps=6", "seed=1")
+
+
+def test_batchnorm_buffers_are_the_same_on_every_rank_when_training_ends(tmp_path):
+    run = run_cli(tmp_path / "run", *CNN, nproc=2, target=(FAULTS,), env={"DTRAIN_DUMP_STATE": "1"})
+    assert run.code == 0, run
+    states = [torch.load(run.dir / f"state-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    buffers = [k for k in states[0] if "running_" in k]
+    assert buffers
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_sync_batchnorm_on_cpu_is_refused_with_what_to_do(tmp_path):
+    run = run_cli(tmp_path / "run", *CNN, "model.sync_batchnorm=true", nproc=2)
+    assert run.code != 0
+    assert run.err.count("model.sync_batchnorm=true needs CUDA devices") == 1, run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices: PyTorch's SyncBatchNorm is GPU-only")
+def test_sync_batchnorm_makes_two_gpus_match_one_and_plain_batchnorm_does_not(tmp_path):
+    one = run_cli(tmp_path / "one", *CNN)
+    synced = run_cli(tmp_path / "sync", *CNN, "model.sync_batchnorm=true", nproc=2)
+    plain = run_cli(tmp_path / "plain", *CNN, nproc=2)
+    for run in (one, synced, plain):
+        assert run.code == 0, run
+    assert_same_weights(final_state(one), final_state(synced), rtol=1e-4, atol=1e-5)  # incl. running stats
+    with pytest.raises(AssertionError):  # per-rank batch statistics differ from the global batch's
+        assert_same_weights(final_state(one), final_state(plain), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_same_seed_and_world_size_repeat_a_two_rank_run_exactly(tmp_path):
+    lenet = (*SMALL, "model=lenet", "data.shape=[1,28,28]")
+    a = run_cli(tmp_path / "a", *lenet, nproc=2)
+    b = run_cli(tmp_path / "b", *lenet, nproc=2)
+    assert a.code == 0 and b.code == 0, (a, b)
+    sa, sb = final_state(a), final_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert comparable(a.summary) == comparable(b.summary)
+
+
+def test_a_rank_that_raises_stops_the_whole_job_quickly_naming_the_rank(tmp_path):
+    start = time.monotonic()
+    run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=50", nproc=2, target=(FAULTS,),
+                  env={"DTRAIN_FAULT": "raise:1:3"}, timeout=120)
+    assert time.monotonic() - start < 60
+    assert run.code != 0, run
+    assert "[rank 1] dtrain: RuntimeError: injected failure at step 3" in run.err, run
+
+
+def test_a_stuck_rank_ends_the_job_at_the_collective_timeout_with_a_clear_message(tmp_path):
+    start = time.monotonic()
+    run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=50", "dist.timeout_s=8", nproc=2, target=(FAULTS,),
+                  env={"DTRAIN_FAULT": "hang:1:3"}, timeout=150)
+    assert time.monotonic() - start < 90
+    assert run.code != 0, run
+    assert "[rank 0] dtrain: a collective did not complete within dist.timeout_s=8" in run.err, run
+
+
+def torchrun_node(node_rank: int, port: int, run_dir, *overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+           "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mn",
+           "-m", "dtrain", *overrides]
+    return subprocess.Popen(cmd, cwd=run_dir, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_ranks_train_like_four_ranks_on_one_node(tmp_path):
+    single = run_cli(tmp_path / "single", *SMALL, nproc=4, timeout=300)
+    assert single.code == 0, single
+    port = free_port()
+    nodes = [torchrun_node(i, port, tmp_path, *SMALL) for i in (0, 1)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    # Both nodes computed the same run folder (the rendezvous id), and only global rank 0 wrote it.
+    folders = list((tmp_path / "runs" / "mlp3-synthetic").iterdir())
+    assert [f.name for f in folders] == ["rdzv-mn"]
+    multi = Run(subprocess.CompletedProcess([], 0, *outs[0]), folders[0])
+    assert (multi.summary["world_size"], multi.summary["num_nodes"]) == (4, 2)
+    assert_same_weights(final_state(single), final_state(multi))
+    assert comparable(multi.summary) == pytest.approx(comparable(single.summary))

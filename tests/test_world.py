@@ -1,0 +1,103 @@
+"""The world is read from the launcher's environment in one place: torchrun's variables, SLURM's under
+srun, or single-process defaults; device and backend follow, and impossible worlds are refused."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dtrain import world as w
+from conftest import CHILD_ENV, ROOT, free_port
+
+TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "job7"}
+SRUN = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NNODES": "4",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_NODELIST": "gpu[07-10]", "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0"}
+
+
+def test_a_lone_process_is_rank_zero_of_one_on_the_cpu_with_gloo():
+    world = w.from_env(env={})
+    assert (world.rank, world.world_size, world.launcher, world.is_main, world.distributed) == (0, 1, "single", True, False)
+    assert world.device == torch.device("cpu") and world.backend == "gloo"
+
+
+def test_torchrun_variables_give_rank_sizes_nodes_and_rendezvous():
+    world = w.from_env(env=TORCHRUN)
+    assert (world.rank, world.local_rank, world.world_size, world.local_world_size, world.num_nodes) == (3, 1, 4, 2, 2)
+    assert (world.launcher, world.master_addr, world.master_port, world.is_main) == ("torchrun", "10.0.0.5", 29400, False)
+
+
+def test_srun_variables_give_rank_sizes_and_the_first_node_as_master():
+    world = w.from_env(env=SRUN)
+    assert (world.rank, world.local_rank, world.world_size, world.local_world_size, world.num_nodes) == (5, 1, 8, 2, 4)
+    assert (world.launcher, world.master_addr) == ("slurm", "gpu07")
+    assert 20000 <= world.master_port < 40000
+
+
+def test_torchrun_inside_a_slurm_job_is_read_as_torchrun():
+    assert w.from_env(env={**SRUN, **TORCHRUN}).launcher == "torchrun"
+
+
+def test_a_slurm_batch_script_without_srun_is_a_single_process():
+    env = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}
+    assert w.from_env(env=env).launcher == "single"
+
+
+@pytest.mark.parametrize("nodelist,first", [("n1", "n1"), ("gpu[03-05,9],cpu1", "gpu03"), ("a-b[1,2]", "a-b1"),
+                                             ("node[001-004]", "node001"), ("x1,x2", "x1")])
+def test_the_first_host_of_a_slurm_node_list(nodelist, first):
+    assert w.first_slurm_host(nodelist) == first
+
+
+def test_every_process_of_a_launch_computes_the_same_run_id():
+    assert w.shared_run_id({"DTRAIN_RUN_ID": "mine", **SRUN}) == "mine"
+    assert w.shared_run_id(SRUN) == "job4242"
+    assert w.shared_run_id({**SRUN, "SLURM_ARRAY_TASK_ID": "3"}) == "job4242_3"
+    assert w.shared_run_id(TORCHRUN) == "rdzv-job7"  # several nodes: the rendezvous id
+    one_node = {**TORCHRUN, "GROUP_WORLD_SIZE": "1"}  # one node: the torchrun agent's start time
+    assert w.shared_run_id(one_node) == w.shared_run_id(one_node)
+    assert len(w.shared_run_id(one_node)) == len("2026-01-01_00-00-00")
+
+
+def test_backend_is_nccl_on_cuda_and_gloo_on_cpu_unless_overridden(monkeypatch):
+    assert w.from_env(env=TORCHRUN).backend == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    world = w.from_env(env=TORCHRUN)
+    assert world.backend == "nccl" and world.device == torch.device("cuda:1")  # cuda:LOCAL_RANK
+    assert w.from_env(backend="gloo", env=TORCHRUN).backend == "gloo"
+    assert w.from_env(device="cpu", env=TORCHRUN).backend == "gloo"
+
+
+def test_nccl_without_cuda_is_refused_with_what_to_use_instead():
+    with pytest.raises(w.WorldError, match="dist.backend=nccl needs CUDA devices.*use dist.backend=gloo"):
+        w.from_env(backend="nccl", env=TORCHRUN)
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(w.WorldError, match="no CUDA device; use trainer.device=cpu"):
+        w.from_env(device="cuda", env={})
+
+
+def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(w.WorldError, match="2 processes on this node but only 1 CUDA device"):
+        w.from_env(env=TORCHRUN)
+
+
+def test_a_world_that_never_forms_ends_in_bounded_time_naming_the_address(tmp_path):
+    port = free_port()  # nobody listens here: rank 1 waits for a rank 0 that never comes
+    env = {**CHILD_ENV, "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "dist.timeout_s=5", f"hydra.run.dir={tmp_path}/run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 2, proc.stderr
+    assert f"could not form the process group of 2 at 127.0.0.1:{port} within 5s" in proc.stderr
+    assert "Traceback" not in proc.stderr
