@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,13 @@ SMALL = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_sampl
 
 def comparable(summary: dict) -> dict:
     return {k: summary[k] for k in ("steps", "val_loss", "val_acc", "val_samples", "test_acc")}
+
+
+def test_launch_local_sh_starts_n_processes(tmp_path):
+    run = run_cli(tmp_path / "run", "debug=fast", launcher=["bash", str(ROOT / "launch" / "local.sh"), "2"],
+                  target=(), env={"PATH": f"{Path(sys.executable).parent}:{CHILD_ENV['PATH']}"})
+    assert run.code == 0, run
+    assert run.summary["world_size"] == 2
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
@@ -105,12 +113,12 @@ def test_a_stuck_rank_ends_the_job_at_the_collective_timeout_with_a_clear_messag
     assert "[rank 0] dtrain: a collective did not complete within dist.timeout_s=8" in run.err, run
 
 
-def torchrun_node(node_rank: int, port: int, run_dir, *overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
-           "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mn",
-           "-m", "dtrain", *overrides]
-    return subprocess.Popen(cmd, cwd=run_dir, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def launch_node(port: int, run_dir, *overrides):
+    """One 'node': launch/multinode.sh, as a user runs it on each machine."""
+    env = {**CHILD_ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "NPROC_PER_NODE": "2", "RUN_ID": "mn", "PATH": f"{Path(sys.executable).parent}:{CHILD_ENV['PATH']}"}
+    return subprocess.Popen([str(ROOT / "launch" / "multinode.sh"), *overrides], cwd=run_dir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -118,7 +126,7 @@ def test_two_nodes_of_two_ranks_train_like_four_ranks_on_one_node(tmp_path):
     single = run_cli(tmp_path / "single", *SMALL, nproc=4, timeout=300)
     assert single.code == 0, single
     port = free_port()
-    nodes = [torchrun_node(i, port, tmp_path, *SMALL) for i in (0, 1)]
+    nodes = [launch_node(port, tmp_path, *SMALL) for _ in (0, 1)]
     outs = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs
     # Both nodes computed the same run folder (the rendezvous id), and only global rank 0 wrote it.
