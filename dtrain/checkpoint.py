@@ -129,9 +129,14 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
+    for stale in folder.glob(".*.tmp-*"):  # a write that was killed part-way; never renamed into place
+        stale.unlink(missing_ok=True)
     for path in candidates:
         try:
             return path, load(path)
         except CheckpointError as e:
-            log.warning(f"warning: skipping {e}; trying an older checkpoint")
+            # Set it aside (kept for inspection) so it neither shadows nor outlives good checkpoints.
+            aside = path.with_name(path.name + ".corrupt")
+            path.rename(aside)
+            log.warning(f"warning: {e}; moved it to {aside.name} and trying an older checkpoint")
     return None

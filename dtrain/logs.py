@@ -69,6 +69,16 @@ class JsonlSink:
             self.f.write(json.dumps(metrics) + "\n")
             self.f.flush()
 
+    def rewind(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run logs those epochs again)."""
+        if self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            if len(kept) != len(lines):
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(self.path)
+
     def close(self) -> None:
         if self.f:
             self.f.close()
@@ -109,6 +119,11 @@ class MetricLogger:
     def step(self, metrics: dict) -> None:
         for s in self.sinks:
             s.write("step", metrics)
+
+    def rewind(self, step: int) -> None:
+        for s in self.sinks:
+            if hasattr(s, "rewind"):
+                s.rewind(step)
 
     def epoch(self, metrics: dict) -> None:
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

@@ -176,8 +176,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        self.resume()  # may replace self.progress: bind `p` after it
         cfg, p = self.cfg, self.progress
-        self.resume()
         log.info(f"dtrain: model={cfg.model.name} data={cfg.data.name} "
                  f"({len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val samples) "
                  f"{self.world.describe()} global_batch={cfg.data.batch_size} run_dir={self.run_dir}")
@@ -196,7 +196,8 @@ class Trainer:
                 val = evaluate(self.model, self.val_loader, self.loss_fn, self.task, self.world,
                                cfg.trainer.precision, cfg.debug.limit_batches)
                 self.log_epoch(train, val, epoch_time)
-                p.epoch, p.samples_in_epoch = p.epoch + 1, 0
+                if train["complete"]:  # else max_steps stopped it part-way: keep the position
+                    p.epoch, p.samples_in_epoch = p.epoch + 1, 0
                 if self.save_checkpoints and (self.finished or p.epoch == cfg.trainer.epochs or (
                         cfg.checkpoint.every_n_epochs and p.epoch % cfg.checkpoint.every_n_epochs == 0)):
                     self.save(val)
@@ -256,7 +257,8 @@ class Trainer:
             if self.save_checkpoints and every and p.step % every == 0 and not self.finished:
                 self.save(None)
         loss_sum, correct, n = w.all_reduce_sum(sums.clone()).tolist()
-        result = {"loss": loss_sum / max(n, 1), "samples": int(n)}
+        result = {"loss": loss_sum / max(n, 1), "samples": int(n),
+                  "complete": done >= self.steps_per_epoch * accum}
         if self.task == "classification":
             result["acc"] = correct / max(n, 1)
         return result
@@ -356,6 +358,7 @@ class Trainer:
             path = cfg.resume
         state = ckpt.load(Path(path), map_location=self.world.device)
         self.load_state(state, path)
+        self.metrics.rewind(self.progress.step)  # epochs logged after this checkpoint will be re-run
         log.info(f"resumed from {path}: epoch {self.progress.epoch} step {self.progress.step}")
 
     def load_state(self, state: dict, path) -> None:
@@ -385,5 +388,3 @@ class Trainer:
             seed_everything(self.cfg.seed + self.world.rank + state["step"])
             if self.world.is_main:
                 self._epoch_sums.copy_(sum(r["epoch_sums"] for r in ranks))
-        if self.progress.step >= self.total_steps and self.progress.epoch < self.cfg.trainer.epochs:
-            self.progress.epoch = self.cfg.trainer.epochs  # a finished run stays finished

@@ -174,7 +174,7 @@ def process_group(world: World, timeout_s: float) -> Iterator[World]:
         try:
             dist.init_process_group(
                 world.backend, rank=world.rank, world_size=world.world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=datetime.timedelta(seconds=timeout_s), store=_restart_safe_store(world, timeout_s),
                 device_id=world.device if world.device.type == "cuda" else None,
             )
         except (RuntimeError, TimeoutError, ValueError) as e:
@@ -192,6 +192,29 @@ def process_group(world: World, timeout_s: float) -> Iterator[World]:
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _restart_safe_store(world: World, timeout_s: float, env: Mapping[str, str] = os.environ):
+    """torchrun shares its rendezvous store with the workers and keeps it across `--max-restarts`, so a
+    restarted group can read the previous attempt's addresses and fail to connect (pytorch#135712).
+    On one node every worker restarts together with the same TORCHELASTIC_RESTART_COUNT, so keys
+    namespaced by it are fresh. Across nodes the counts can differ: there torchrun must be started with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/multinode.sh does). None: let torch make the store."""
+    attempt = _int(env, "TORCHELASTIC_RESTART_COUNT", 0)
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if world.num_nodes > 1:
+        if _int(env, "TORCHELASTIC_MAX_RESTARTS", 0) > 0 and world.is_main:
+            import warnings
+            warnings.warn("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                          "in torchrun's environment (pytorch#135712), else a restarted group may not form; "
+                          "launch/multinode.sh sets it", stacklevel=2)
+        return None
+    if attempt == 0:
+        return None
+    client = dist.TCPStore(world.master_addr, world.master_port, world.world_size, is_master=False,
+                           timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"dtrain/attempt-{attempt}", client)
 
 
 # -- the collectives the rest of the code uses; identity in a single process -------------------------

@@ -19,6 +19,9 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
   (( NPROC_PER_NODE > 0 )) || NPROC_PER_NODE=2
 fi
 # The c10d rendezvous assigns node ranks itself; every node must use the same id, endpoint and counts.
+# torchrun's shared rendezvous store breaks --max-restarts across nodes (pytorch#135712): give each
+# attempt its own store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --nnodes="$nnodes" --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend=c10d \
   --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="${RUN_ID:-${SLURM_JOB_ID:-dtrain}}" \
   -m dtrain "$@"

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/faults.py key=value ...     with DTRAIN_FAULT=ACTION:RANK:STEP
 
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
-SIGKILL, or `term` it with SIGTERM (as SLURM does on preemption). Faults fire only in torchrun's first
+SIGKILL, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption); `killsave` SIGKILLs rank 0 half-way
+through writing the checkpoint of step STEP. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt.
@@ -35,8 +36,29 @@ def install() -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if action == "term":
                     os.kill(os.getpid(), signal.SIGTERM)
+                if action == "usr1":
+                    os.kill(os.getpid(), signal.SIGUSR1)
 
         trainer.Trainer.optimizer_step = faulty_step
+
+        if action == "killsave":
+            import io
+            from dtrain import checkpoint
+            original_write = checkpoint._atomic_write
+
+            def dying_write(path, write):
+                if path.name != f"step-{int(step):08d}.pt":
+                    return original_write(path, write)
+                buf = io.BytesIO()
+                write(buf)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                with open(tmp, "wb") as f:  # half the file reaches the disk, then the process dies
+                    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            checkpoint._atomic_write = dying_write
 
     if os.environ.get("DTRAIN_FAULT_COUNT_ALLREDUCE"):
         original_init = trainer.Trainer.__init__
