@@ -179,3 +179,14 @@ def test_the_run_folder_holds_metrics_per_epoch_and_a_summary(tmp_path, quiet_lo
     for key in ("val_loss", "val_acc", "test_acc", "wall_time_s", "world_size", "device", "samples_per_sec",
                 "config_name"):
         assert key in summary
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, quiet_logs):
+    t = make_trainer(tmp_path, "model=lenet", *SYNTH, "data.shape=[1,28,28]", "trainer.precision=bf16",
+                     "trainer.epochs=3", "checkpoint.enabled=false")
+    seen = []
+    t.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    summary = t.fit()
+    t.close()
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert torch.bfloat16 in seen and losses[-1] < losses[0] and summary["precision"] == "bf16"
