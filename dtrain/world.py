@@ -276,5 +276,7 @@ def main_first(world: World) -> Iterator[None]:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any rank (for stopping together)."""
+    if not dist.is_initialized():
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(t).item() > 0)
