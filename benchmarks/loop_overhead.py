@@ -86,7 +86,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model={args.model} data={cfg.data.name} batch={cfg.data.batch_size} device={name} "
           f"torch={torch.__version__} repeats={args.repeats}")
-    print(f"| loop | samples/s (median) | min | max |\n|---|---|---|---|")
+    print("| loop | samples/s (median) | min | max |\n|---|---|---|---|")
     for label, r in (("plain PyTorch", plain), ("dtrain", ours)):
         print(f"| {label} | {statistics.median(r):,.0f} | {min(r):,.0f} | {max(r):,.0f} |")
     print(f"\nratio dtrain / plain (median): {statistics.median(ours) / statistics.median(plain):.2f}")

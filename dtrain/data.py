@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional

@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from dtrain.config import OptimConfig, SchedConfig
+from dtrain.config import ConfigError, OptimConfig, SchedConfig
 
 OPTIMIZERS: dict[str, Callable[[Iterable, OptimConfig], torch.optim.Optimizer]] = {
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
@@ -24,7 +24,6 @@ OPTIMIZERS: dict[str, Callable[[Iterable, OptimConfig], torch.optim.Optimizer]] 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd" and cfg.nesterov and cfg.momentum <= 0:
-        from dtrain.config import ConfigError
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (got {cfg.momentum})")
     return OPTIMIZERS[cfg.name](params, cfg)
 

@@ -67,7 +67,12 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn, task: str, world: w.
             sums[1] += (out.argmax(1) == y).sum()
         sums[2] += len(y)
     model.train(was_training)
-    loss_sum, correct, n = w.all_reduce_sum(sums).tolist()
+    return reduce_metrics(sums, task)
+
+
+def reduce_metrics(sums: torch.Tensor, task: str) -> dict[str, float]:
+    """(loss sum, correct, count) of this rank -> mean loss (and accuracy) over all ranks' samples."""
+    loss_sum, correct, n = w.all_reduce_sum(sums.clone()).tolist()
     result = {"loss": loss_sum / max(n, 1), "samples": int(n)}
     if task == "classification":
         result["acc"] = correct / max(n, 1)
@@ -256,12 +261,7 @@ class Trainer:
             every = cfg.checkpoint.every_n_steps
             if self.save_checkpoints and every and p.step % every == 0 and not self.finished:
                 self.save(None)
-        loss_sum, correct, n = w.all_reduce_sum(sums.clone()).tolist()
-        result = {"loss": loss_sum / max(n, 1), "samples": int(n),
-                  "complete": done >= self.steps_per_epoch * accum}
-        if self.task == "classification":
-            result["acc"] = correct / max(n, 1)
-        return result
+        return {**reduce_metrics(sums, self.task), "complete": done >= self.steps_per_epoch * accum}
 
     def optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip:

@@ -15,7 +15,7 @@ import torch
 from dtrain import checkpoint as ckpt
 from dtrain import trainer as trainer_mod
 from dtrain.trainer import PREEMPTED_EXIT_CODE
-from conftest import (CHILD_ENV, FAULTS, ROOT, Run, assert_same_weights, final_state, make_trainer, params,
+from conftest import (CHILD_ENV, FAULTS, Run, assert_same_weights, final_state, make_trainer, params,
                       run_cli)
 
 SMALL = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_samples=1001",

@@ -3,7 +3,6 @@ with a message that names the key, the value and what is allowed."""
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dtrain import config
 from dtrain.config import ConfigError

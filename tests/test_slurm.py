@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import CHILD_ENV, ROOT, Run, assert_same_weights, final_state, run_cli
+from conftest import CHILD_ENV, Run, assert_same_weights, final_state, run_cli
 
 
 def cluster_up() -> bool:

@@ -190,3 +190,9 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path, quiet_logs):
     t.close()
     losses = [json.loads(line)["train_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert torch.bfloat16 in seen and losses[-1] < losses[0] and summary["precision"] == "bf16"
+
+
+def test_nesterov_without_momentum_is_a_config_error():
+    cfg = make_config("optim=sgd", "optim.nesterov=true", "optim.momentum=0").optim
+    with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
+        optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
