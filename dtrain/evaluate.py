@@ -47,11 +47,11 @@ def run(ev: EvalConfig) -> dict:
     config.check_batch_split(cfg, world.world_size)
     with w.process_group(world, cfg.dist.timeout_s):
         splits = data.build(cfg.data, world)
-        dataset = {"train": splits.train, "val": splits.val, "test": splits.test}.get(ev.split, "?")
-        if dataset == "?" or dataset is None:
-            have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]
+        have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]
+        if ev.split not in have:
             raise ConfigError(f"split={ev.split!r} is not available for data={cfg.data.name}; choose one of "
                               + ", ".join(have))
+        dataset = getattr(splits, ev.split)
         model = models.build(cfg.model.name, splits.task, splits.shape, splits.out, cfg.data.name)
         model.load_state_dict(state["model"])
         result = evaluate(model.to(world.device), data.eval_loader(dataset, cfg, world),
