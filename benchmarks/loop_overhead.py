@@ -19,22 +19,22 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from dtrain import config, data, logs, models
+from dtrain import app, data, logs, models
 from dtrain import world as w
-from dtrain.__main__ import CONF_DIR
+from dtrain.app import CONF_DIR
+from dtrain.config import Config
+from dtrain.rundir import RunDir
 from dtrain.trainer import Trainer
 
-config.register()
 
-
-def make_config(model: str, epochs: int) -> config.Config:
+def make_config(model: str, epochs: int) -> Config:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         dcfg = compose("config", overrides=[f"model={model}", f"trainer.epochs={epochs}", "logger=none",
                                             "checkpoint.enabled=false", "trainer.log_every_n_steps=1000000"])
-    return config.to_config(dcfg)
+    return app.make_config(dcfg)
 
 
-def plain_loop(cfg: config.Config, device: torch.device) -> float:
+def plain_loop(cfg: Config, device: torch.device) -> float:
     """The loop a tutorial writes: DataLoader, forward, loss, backward, step. Returns samples/s."""
     torch.manual_seed(cfg.seed)
     splits = data.build(cfg.data, w.World(device=device))
@@ -58,10 +58,10 @@ def plain_loop(cfg: config.Config, device: torch.device) -> float:
     return statistics.mean(rates[1:])  # the first epoch warms up
 
 
-def dtrain_loop(cfg: config.Config, device: torch.device) -> float:
+def dtrain_loop(cfg: Config, device: torch.device) -> float:
     world = w.World(device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, world, Path(tmp))
+        trainer = Trainer(cfg, world, RunDir(Path(tmp), world))
         rates = []
         original = trainer.log_epoch
         trainer.log_epoch = lambda train, val, t: (rates.append(train["samples"] / t), original(train, val, t))

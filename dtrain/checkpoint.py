@@ -1,9 +1,14 @@
-"""Checkpoints as a contract.
+"""Checkpoints as a contract, and the `Checkpointer` that runs the protocol across ranks.
 
 Layout in <run>/checkpoints/: `step-00000120.pt` files, `latest` (the name of the newest complete one,
 moved only after that file is durable), `best.pt`. Writing goes to a temporary file in the same folder,
 is fsynced, then renamed, so a reader never sees half a checkpoint. Loading uses
 `torch.load(weights_only=True)`: a file that would run code on unpickling is refused.
+
+The trainer only offers `state_dict()` / `load_state_dict()` (and the per-rank sums it keeps); the
+Checkpointer decides when to save, gathers every rank's RNG and sums, writes on the main rank, makes
+every rank fail together, picks the file to resume from, and re-shards per-rank state when the world
+size changed.
 """
 
 from __future__ import annotations
@@ -14,22 +19,27 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 
+from dtrain import world as w
+from dtrain.config import CheckpointConfig
+from dtrain.errors import CheckpointError
 from dtrain.logs import log
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-rank sums are [loss, count, *task extras]; precision is fp32|bf16|fp16
 _STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or used; the message names the file and what to do."""
-
-
 # -- RNG state of one process, in a form torch.load(weights_only=True) accepts ----------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -140,3 +150,85 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
             path.rename(aside)
             log.warning(f"warning: {e}; moved it to {aside.name} and trying an older checkpoint")
     return None
+
+
+# -- the protocol across ranks ----------------------------------------------------------------------
+
+class Checkpointable(Protocol):
+    def state_dict(self) -> dict: ...  # the same on every rank: model, optimizer, progress, ...
+    def rank_state(self) -> dict[str, torch.Tensor]: ...  # this rank's own additive sums
+    def load_state_dict(self, state: dict) -> None: ...  # state["rank"] holds this rank's sums
+
+
+class Checkpointer:
+    """When to save, how every rank takes part, and what to resume from, for one run folder."""
+
+    def __init__(self, folder: Path, cfg: CheckpointConfig, world: w.World, enabled: bool, monitor: str,
+                 higher_is_better: bool, seed: int):
+        self.folder, self.cfg, self.world, self.enabled = folder, cfg, world, enabled and cfg.enabled
+        self.monitor, self.higher_is_better, self.seed = monitor, higher_is_better, seed
+        self.best: Optional[float] = None  # the monitored value of best.pt
+
+    def should_save(self, step: int, epoch: int, *, epoch_end: bool, last: bool = False) -> bool:
+        """At the end of training, every `every_n_epochs` epochs, every `every_n_steps` steps."""
+        every = self.cfg.every_n_epochs if epoch_end else self.cfg.every_n_steps
+        return self.enabled and (last or bool(every) and (epoch if epoch_end else step) % every == 0)
+
+    def save(self, trainer: Checkpointable, step: int, val: Optional[dict] = None) -> None:
+        """All ranks call this: gather every rank's RNG and sums, let the main rank write, fail together.
+        `val` (the epoch's validation metrics, or None mid-epoch) decides whether this becomes best.pt."""
+        ranks = w.gather_objects({"rng": rng_state(), **{k: v.cpu() for k, v in trainer.rank_state().items()}})
+        is_best = False
+        if val is not None:
+            value = val[self.monitor.removeprefix("val_")]
+            is_best = self.best is None or (value > self.best if self.higher_is_better else value < self.best)
+            self.best = value if is_best else self.best
+        error = None
+        if self.world.is_main:
+            try:
+                state = {**trainer.state_dict(), "best": self.best, "ranks": ranks,
+                         "world_size": self.world.world_size}
+                path = save(self.folder, state, step, self.cfg.keep_last, is_best)
+                log.info(f"checkpoint: {path}" + (" (best)" if is_best else ""))
+            except CheckpointError as e:
+                error = str(e)
+        error = w.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+
+    def resume(self, trainer: Checkpointable, resume: str) -> Optional[dict]:
+        """Load `resume` (auto: the newest good checkpoint here, if any; none; a path) into `trainer`
+        on every rank. Returns the checkpoint's state, or None when starting fresh."""
+        if resume == "none" or resume == "auto" and not self.enabled:
+            return None
+        if resume == "auto":  # the main rank picks the newest good file so all ranks load the same one
+            found = find_resumable(self.folder) if self.world.is_main else None
+            path = w.broadcast_object(str(found[0]) if found else None)
+            if path is None:
+                return None
+        else:
+            path = resume
+        state = load(Path(path), map_location=self.world.device)
+        state["rank"] = self._this_ranks_share(state)
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path} {str(e).splitlines()[0]}") from e
+        self.best = state["best"]
+        log.info(f"resumed from {path}: epoch {state['epoch']} step {state['step']}")
+        return state
+
+    def _this_ranks_share(self, state: dict) -> dict:
+        """The same world size continues each rank's RNG and sums exactly. Another world size cannot:
+        random streams restart from the seed (a warning says so) and the sums, being additive, go to
+        the main rank. The data position itself re-shards on any world size (data.TrainSampler)."""
+        ranks = state["ranks"]
+        if state["world_size"] == self.world.world_size:
+            share = dict(ranks[self.world.rank])
+            set_rng_state(share.pop("rng"))
+            return share
+        log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
+                    "ranks: data continues from the saved position, random streams are re-seeded")
+        seed_everything(self.seed + self.world.rank + state["step"])
+        keys = [k for k in ranks[0] if k != "rng"]
+        return {k: sum(r[k] for r in ranks) * (1 if self.world.is_main else 0) for k in keys}

@@ -1,26 +1,44 @@
 """Typed config schemas (Hydra structured configs) and the one validation pass.
 
-Hydra checks types and unknown keys while composing; `validate` checks values once at start-up and names
-the key, the bad value and what is allowed. Past this module the code receives a plain `Config` object,
-never a DictConfig.
+Hydra checks types and unknown keys while composing; `to_config` refuses keys added with `+` that the
+schema does not know, and `validate` checks values once at start-up, naming the key, the bad value and
+what is allowed. Past this module the code receives a plain `Config` object, never a DictConfig.
+The registries' names (models, data sets, ...) are passed in, so this module imports none of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import world as world_env
+from dtrain.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is shown to the user as one line."""
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16, no grad scaler
+    fp16 = "fp16"  # autocast to float16 with a grad scaler (CUDA)
+
+
+class Backend(str, enum.Enum):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class Monitor(str, enum.Enum):
+    auto = "auto"  # the task's own: val_acc for classification, val_loss for regression
+    val_acc = "val_acc"
+    val_loss = "val_loss"
 
 
 @dataclass
@@ -80,7 +98,7 @@ class SchedConfig:
 class TrainerConfig:
     epochs: int = 5
     max_steps: int = -1  # optimizer steps; > 0 stops early
-    precision: str = "32"  # 32 | bf16 | fp16
+    precision: Precision = Precision.fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     accumulate_grad_batches: int = 1
@@ -92,7 +110,7 @@ class TrainerConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    backend: Backend = Backend.auto
     timeout_s: float = 300.0  # collectives and forming the world
 
 
@@ -102,7 +120,7 @@ class CheckpointConfig:
     every_n_epochs: int = 1  # 0 = only at the end
     every_n_steps: int = 0  # 0 = off
     keep_last: int = 2
-    monitor: str = "auto"  # metric for best.pt: auto (val_acc, else val_loss) | val_acc | val_loss
+    monitor: Monitor = Monitor.auto  # the metric best.pt is chosen by
 
 
 @dataclass
@@ -136,12 +154,6 @@ class Config:
     resume: str = "auto"  # auto | none | PATH to a checkpoint file
 
 
-# The registries' names are imported lazily by `validate` so this module stays import-light for Hydra.
-PRECISIONS = ("32", "bf16", "fp16")
-BACKENDS = ("auto", "nccl", "gloo")
-MONITORS = ("auto", "val_acc", "val_loss")
-
-
 def register() -> None:
     ConfigStore.instance().store(name="dtrain_schema", node=Config)
     # Every rank must agree on one run folder, yet Hydra resolves it per process before any
@@ -152,6 +164,23 @@ def register() -> None:
         OmegaConf.register_new_resolver(
             "dtrain_hydra_subdir", lambda: ".hydra" if world_env.env_rank() == 0 else None
         )
+        OmegaConf.register_new_resolver("dtrain_choices", choices_help)
+
+
+def choices_help() -> str:
+    """`--help`'s list of the keys whose values are a fixed set (the schema's enums)."""
+    lines = []
+
+    def walk(schema: type, prefix: str) -> None:
+        for f in dataclasses.fields(schema):
+            kind = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+            if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                lines.append(f"  {prefix}{f.name}: {', '.join(kind.__members__)}")
+            elif dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{f.name}.")
+
+    walk(Config, "")
+    return "\n".join(lines)
 
 
 def to_object(cfg: DictConfig) -> Any:
@@ -164,11 +193,29 @@ def to_object(cfg: DictConfig) -> Any:
         raise ConfigError(f"{key}: {msg}" if key else msg) from e
 
 
-def to_config(cfg: DictConfig) -> Config:
-    """The composed DictConfig as a typed, resolved, validated `Config`."""
+def refuse_unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """A key added with `+` (`+trainer.epoch=3`) that the schema lacks would be dropped silently by
+    `to_object`; refuse it like Hydra refuses an unknown key without `+`."""
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"{name}: no such key ({hint}`python -m dtrain --cfg job` prints every key)")
+        node = cfg._get_node(key)
+        kind = known[key].type if isinstance(known[key].type, type) else globals().get(str(known[key].type))
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(kind):
+            refuse_unknown_keys(node, kind, f"{name}.")
+
+
+def to_config(cfg: DictConfig, choices: Mapping[str, Sequence[str]]) -> Config:
+    """The composed DictConfig as a typed, resolved, validated `Config`. `choices` maps the group names
+    (model, data, optim, sched) to the names their registries know."""
+    refuse_unknown_keys(cfg, Config)
     obj = to_object(cfg)
     assert isinstance(obj, Config)
-    validate(obj)
+    validate(obj, choices)
     return obj
 
 
@@ -191,17 +238,10 @@ def _non_negative(key: str, value: float) -> None:
         _fail(key, value, "must be >= 0")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     """Check every value once, before anything is built. Raises ConfigError naming the key."""
-    from dtrain import data, models, optim  # registries
-
-    _one_of("model", cfg.model.name, sorted(models.MODELS))
-    _one_of("data", cfg.data.name, sorted(data.DATASETS))
-    _one_of("optim", cfg.optim.name, sorted(optim.OPTIMIZERS))
-    _one_of("sched", cfg.sched.name, sorted(optim.SCHEDULES))
-    _one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
-    _one_of("dist.backend", cfg.dist.backend, BACKENDS)
-    _one_of("checkpoint.monitor", cfg.checkpoint.monitor, MONITORS)
+    for group, names in choices.items():
+        _one_of(group, getattr(cfg, group).name, sorted(names))
 
     _positive("optim.lr", cfg.optim.lr)
     _positive("data.batch_size", cfg.data.batch_size)
@@ -247,20 +287,23 @@ def validate(cfg: Config) -> None:
             _fail(f"data.{key}", value, "one number per channel" + (", all > 0" if key == "std" else ""))
     if cfg.trainer.device not in ("auto", "cpu", "cuda") and not cfg.trainer.device.startswith("cuda:"):
         _fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
-    if cfg.trainer.precision == "fp16" and cfg.trainer.device == "cpu":
-        _fail("trainer.precision", "fp16", "fp16 needs a CUDA device; use bf16 on CPU")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         _fail("resume", cfg.resume, "auto, none or the path of a checkpoint file")
 
 
-def check_batch_split(cfg: Config, world_size: int) -> None:
-    """The global batch sizes must split evenly across ranks so results do not depend on world size."""
+def check_world(cfg: Config, world: world_env.World) -> None:
+    """The checks that need the world: the global batches split evenly across ranks (so results do not
+    depend on the world size), and the precision is one the device can run."""
     for key in ("batch_size", "eval_batch_size"):
         value = getattr(cfg.data, key)
-        if value % world_size:
+        if value % world.world_size:
             _fail(f"data.{key}", value,
-                  f"the global batch must divide evenly by the world size {world_size}")
+                  f"the global batch must divide evenly by the world size {world.world_size}")
+    if cfg.trainer.precision == Precision.fp16 and world.device.type != "cuda":
+        _fail("trainer.precision", "fp16", f"fp16 needs a CUDA device and this process runs on {world.device}; "
+              "use trainer.precision=bf16 on CPU")
 
 
 def as_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain values only (enums as their names), as checkpoints and summaries store them."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)

@@ -20,13 +20,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.transforms import v2
 
 from dtrain import world as w
-from dtrain.config import Config, ConfigError, DataConfig
+from dtrain.config import Config, DataConfig
+from dtrain.errors import ConfigError, DataError
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "mnist_sample"
-
-
-class DataError(RuntimeError):
-    """A data set that is missing or unreadable; the message says which files to put where."""
 
 
 @dataclass
@@ -34,7 +31,7 @@ class Splits:
     train: Dataset
     val: Dataset
     test: Optional[Dataset]
-    task: str  # classification | regression
+    task: str  # a name in tasks.TASKS
     shape: tuple[int, ...]  # one input's shape
     out: int  # classes, or regression targets
 
@@ -286,3 +283,21 @@ def eval_loader(ds: Dataset, cfg: Config, world: w.World) -> DataLoader:
     return DataLoader(ds, batch_size=cfg.data.eval_batch_size // world.world_size,
                       sampler=ShardSampler(len(ds), world), num_workers=cfg.data.num_workers,
                       pin_memory=world.device.type == "cuda")
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: Optional[DataLoader]
+
+
+def loaders(splits: Splits, cfg: Config, world: w.World) -> Loaders:
+    """The rank-aware loaders of a run. debug.overfit_batches trains and validates on the same few fixed
+    batches (and has no test)."""
+    train, val, test = splits.train, splits.val, splits.test
+    if cfg.debug.overfit_batches:
+        train = val = Subset(train, range(min(len(train), cfg.debug.overfit_batches * cfg.data.batch_size)))
+        test = None
+    return Loaders(train_loader(train, cfg, world, shuffle=not cfg.debug.overfit_batches),
+                   eval_loader(val, cfg, world), eval_loader(test, cfg, world) if test is not None else None)

@@ -12,20 +12,21 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from dtrain.config import LoggerConfig
+from dtrain.rundir import RunDir
 from dtrain.world import World
 
 log = logging.getLogger("dtrain")
 
 
-def setup_console(world: World, run_dir: Path | None) -> None:
-    """Main rank: INFO to stdout and run_dir/train.log. Other ranks: WARNING and above to stderr."""
+def setup_console(world: World, train_log: Path | None) -> None:
+    """Main rank: INFO to stdout and to `train_log`. Other ranks: WARNING and above to stderr."""
     log.handlers.clear()
     log.propagate = False
     if world.is_main:
         log.setLevel(logging.INFO)
         log.addHandler(_handler(logging.StreamHandler(sys.stdout), "%(message)s"))
-        if run_dir is not None:
-            log.addHandler(_handler(logging.FileHandler(run_dir / "train.log"),
+        if train_log is not None:
+            log.addHandler(_handler(logging.FileHandler(train_log),
                                     "%(asctime)s %(levelname)s %(message)s"))
     else:
         log.setLevel(logging.WARNING)
@@ -59,8 +60,8 @@ class Sink(Protocol):
 class JsonlSink:
     """metrics.jsonl: one JSON object per epoch, appended and flushed as it happens."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run: RunDir, cfg: LoggerConfig):
+        self.path = run.metrics
         self.f = None  # opened on the first epoch, so a run that fails before one leaves no file
 
     def write(self, kind: str, metrics: dict) -> None:
@@ -91,7 +92,7 @@ def _fmt(v) -> str:
 
 
 class ConsoleSink:
-    def __init__(self, run_dir: Path, cfg: LoggerConfig):
+    def __init__(self, run: RunDir, cfg: LoggerConfig):
         pass
 
     def write(self, kind: str, metrics: dict) -> None:
@@ -103,7 +104,7 @@ class ConsoleSink:
         pass
 
 
-SINKS: dict[str, Callable[[Path, LoggerConfig], Sink]] = {
+SINKS: dict[str, Callable[[RunDir, LoggerConfig], Sink]] = {
     "console": ConsoleSink,
     "jsonl": JsonlSink,
 }
@@ -112,9 +113,9 @@ SINKS: dict[str, Callable[[Path, LoggerConfig], Sink]] = {
 class MetricLogger:
     """Fans metrics out to the configured sinks; holds none on non-main ranks."""
 
-    def __init__(self, world: World, run_dir: Path, cfg: LoggerConfig):
+    def __init__(self, world: World, run: RunDir, cfg: LoggerConfig):
         names = [n for n in SINKS if getattr(cfg, n, False)] if world.is_main else []
-        self.sinks: list[Sink] = [SINKS[n](run_dir, cfg) for n in names]
+        self.sinks: list[Sink] = [SINKS[n](run, cfg) for n in names]
 
     def step(self, metrics: dict) -> None:
         for s in self.sinks:

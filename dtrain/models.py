@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torchvision
 
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 
 def mlp(shape: tuple[int, ...], out: int) -> nn.Module:

@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from dtrain.config import ConfigError, OptimConfig, SchedConfig
+from dtrain.config import OptimConfig, SchedConfig
+from dtrain.errors import ConfigError
 
 OPTIMIZERS: dict[str, Callable[[Iterable, OptimConfig], torch.optim.Optimizer]] = {
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,

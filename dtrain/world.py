@@ -18,10 +18,9 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-
-class WorldError(RuntimeError):
-    """The process world cannot be formed as asked; the message says what to do."""
+from dtrain.errors import ConfigError, WorldError
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,12 @@ def _launch_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def env_rank(env: Mapping[str, str] = os.environ) -> int:
     return _launch_env(env).get("rank", 0)
+
+
+def from_launcher(env: Mapping[str, str] = os.environ) -> World:
+    """Rank and sizes as the launcher set them, before the device is known: enough to report an error
+    that happens while the config is still being read."""
+    return World(**_launch_env(env))
 
 
 def shared_run_id(env: Mapping[str, str] = os.environ) -> str:
@@ -215,6 +220,19 @@ def _restart_safe_store(world: World, timeout_s: float, env: Mapping[str, str] =
     client = dist.TCPStore(world.master_addr, world.master_port, world.world_size, is_master=False,
                            timeout=datetime.timedelta(seconds=timeout_s))
     return dist.PrefixStore(f"dtrain/attempt-{attempt}", client)
+
+
+def wrap_model(model: nn.Module, world: World, sync_batchnorm: bool) -> nn.Module:
+    """The model as DistributedDataParallel when there are several processes (itself otherwise)."""
+    if not world.distributed:
+        return model
+    if sync_batchnorm:
+        if world.device.type != "cuda":
+            raise ConfigError("model.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+                              "CPU implementation); set model.sync_batchnorm=false on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
 
 
 # -- the collectives the rest of the code uses; identity in a single process -------------------------

@@ -12,10 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dtrain import config
-from dtrain.__main__ import CONF_DIR
-
-config.register()
+from dtrain import app
+from dtrain.app import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 # Child processes: quiet, offline, one thread each (2 cores are shared by up to 4 processes).
@@ -31,15 +29,17 @@ def compose_dcfg(*overrides: str):
 
 def make_config(*overrides: str) -> config.Config:
     """The real composed config with `overrides`, typed and validated."""
-    return config.to_config(compose_dcfg(*overrides))
+    return app.make_config(compose_dcfg(*overrides))
 
 
 def make_trainer(tmp_path: Path, *overrides: str, world=None):
     from dtrain import world as w
+    from dtrain.rundir import RunDir
     from dtrain.trainer import Trainer
     cfg = make_config(*overrides)
     tmp_path.mkdir(parents=True, exist_ok=True)  # Hydra makes the run folder in a real run
-    return Trainer(cfg, world or w.from_env(cfg.trainer.device, cfg.dist.backend, env={}), tmp_path)
+    world = world or w.from_env(cfg.trainer.device, cfg.dist.backend, env={})
+    return Trainer(cfg, world, RunDir(tmp_path, world))
 
 
 class Run:

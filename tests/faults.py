@@ -66,7 +66,7 @@ def install() -> None:
         def counting_init(self, *args, **kwargs):
             original_init(self, *args, **kwargs)
             calls = {"n": 0}
-            path = self.run_dir / f"allreduce-rank{self.world.rank}.txt"
+            path = self.run.path / f"allreduce-rank{self.world.rank}.txt"
 
             def hook(state, bucket):
                 calls["n"] += 1
@@ -85,7 +85,7 @@ def install() -> None:
         def dumping_fit(self):
             result = original_fit(self)
             import torch
-            torch.save(self.model.state_dict(), self.run_dir / f"state-rank{self.world.rank}.pt")
+            torch.save(self.model.state_dict(), self.run.path / f"state-rank{self.world.rank}.pt")
             return result
 
         trainer.Trainer.fit = dumping_fit

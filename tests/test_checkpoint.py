@@ -14,7 +14,7 @@ import torch
 
 from dtrain import checkpoint as ckpt
 from dtrain import trainer as trainer_mod
-from dtrain.trainer import PREEMPTED_EXIT_CODE
+from dtrain.errors import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
 from conftest import (CHILD_ENV, FAULTS, Run, assert_same_weights, final_state, make_trainer, params,
                       run_cli)
 
@@ -131,8 +131,8 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, quiet_logs):
 def test_resume_none_starts_fresh_even_beside_checkpoints(tmp_path, quiet_logs):
     make_trainer(tmp_path, *SMALL, "trainer.max_steps=10").fit()
     fresh = make_trainer(tmp_path, *SMALL, "trainer.max_steps=10", "resume=none")
-    fresh.resume()
-    assert fresh.progress.step == 0
+    assert fresh.checkpointer.resume(fresh, "none") is None and fresh.progress.step == 0
+    assert fresh.checkpointer.resume(fresh, "auto")["step"] == 10 and fresh.progress.step == 10
 
 
 # -- exact resume ---------------------------------------------------------------------------------

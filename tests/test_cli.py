@@ -2,12 +2,14 @@
 path, write one run folder, and bad input ends with a one-line error, a non-zero exit and no folder."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from conftest import CHILD_ENV, ROOT, load_yaml, run_cli
+from test_data import write_mnist
 
 
 def test_the_default_job_trains_the_mlp_on_the_mnist_sample_to_94_percent(tmp_path):
@@ -39,7 +41,8 @@ def test_help_lists_the_config_groups_and_their_options():
     out = subprocess.run([sys.executable, "-m", "dtrain", "--help"], cwd=ROOT, env=CHILD_ENV,
                          capture_output=True, text=True, timeout=120).stdout
     for text in ("model: convnet, lenet, linear, mlp, mlp3, resnet18", "optim: adam, adamw, rmsprop, sgd",
-                 "debug: anomaly, fast, none, overfit", "data.batch_size is the GLOBAL batch"):
+                 "debug: anomaly, fast, none, overfit", "experiment: cifar10_lenet, cifar10_resnet18",
+                 "trainer.precision: fp32, bf16, fp16", "data.batch_size is the GLOBAL batch"):
         assert text in out, out
 
 
@@ -76,6 +79,8 @@ def test_evaluate_reports_the_saved_models_accuracy(tmp_path):
     (["model=lenet", "data=regression"], "model=lenet solves classification"),
     (["trainer.device=cuda"], "has no CUDA device"),
     (["resume=/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
+    (["+trainer.epoch=3"], "dtrain: error: trainer.epoch: no such key (did you mean trainer.epochs?"),
+    (["trainer.precision=fp16"], "fp16 needs a CUDA device and this process runs on cpu"),
 ])
 def test_bad_input_gives_one_line_a_non_zero_exit_and_leaves_no_folder(tmp_path, overrides, message):
     run = run_cli(tmp_path / "run", *overrides)
@@ -101,3 +106,54 @@ def test_a_batch_that_does_not_split_across_two_ranks_is_reported_once(tmp_path)
     # The one traceback is torchrun's own report that a child failed; the ranks print none.
     assert run.err.count("Traceback") == 1 and "ChildFailedError" in run.err, run
     assert not run.dir.exists()
+
+
+def test_evaluate_takes_data_root_as_its_docstring_shows_and_defaults_to_a_split_the_data_has(tmp_path):
+    write_mnist(tmp_path / "data")
+    run = run_cli(tmp_path / "run", "data=mnist", f"data.root={tmp_path}/data", "data.download=false",
+                  "data.batch_size=6", "data.eval_batch_size=2", "trainer.epochs=1")
+    assert run.code == 0, run
+    (tmp_path / "data").rename(tmp_path / "moved")  # the data set moved since training
+    proc = subprocess.run([sys.executable, "-m", "dtrain.evaluate", f"ckpt={run.dir}/checkpoints/best.pt",
+                           f"data.root={tmp_path}/moved"], cwd=tmp_path, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["split"], result["samples"]) == ("test", 20)
+    sample = run_cli(tmp_path / "sample", "trainer.max_steps=2")  # the bundled sample has no test split
+    proc = subprocess.run([sys.executable, "-m", "dtrain.evaluate", f"ckpt={sample.dir}/checkpoints/best.pt"],
+                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["split"] == "val", proc.stderr
+
+
+def test_a_users_own_config_folder_adds_experiments_with_hydras_config_dir(tmp_path):
+    mine = tmp_path / "my-conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "tiny_lenet.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: lenet\n  - override /data: synthetic\n"
+        "data:\n  shape: [1, 28, 28]\n  num_samples: 256\n  batch_size: 32\ntrainer:\n  max_steps: 2\n")
+    run = run_cli(tmp_path / "run", "--config-dir", str(tmp_path / "my-conf"), "experiment=tiny_lenet")
+    assert run.code == 0, run
+    assert (run.summary["model"], run.summary["data"], run.summary["steps"]) == ("lenet", "synthetic", 2)
+
+
+def test_a_non_editable_install_runs_the_default_job_from_any_folder(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "tests", "*.egg-info",
+                                                              "__pycache__", "build"))
+    prefix = tmp_path / "prefix"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(prefix), str(src)], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    shutil.rmtree(src)  # nothing may still point at the source tree
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**CHILD_ENV, "PYTHONPATH": str(prefix)}
+    where = subprocess.run([sys.executable, "-c", "import dtrain; print(dtrain.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.startswith(str(prefix)), where
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "debug=fast"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = list((elsewhere / "runs" / "mlp-mnist_sample").glob("*/summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dtrain import data, optim
+from dtrain.tasks import TASKS
 from dtrain.config import ConfigError
 from conftest import make_config, make_trainer, params
 
@@ -84,9 +85,9 @@ def test_gradient_clipping_bounds_each_sgd_update(tmp_path, quiet_logs):
 
 
 def test_label_smoothing_raises_the_loss_of_confident_predictions():
-    from dtrain.trainer import loss_function
+    loss = TASKS["classification"].loss
     out, y = torch.tensor([[10.0, 0.0]]), torch.tensor([0])
-    assert loss_function("classification", 0.2)(out, y) > loss_function("classification", 0.0)(out, y)
+    assert loss(out, y, 0.2) > loss(out, y, 0.0)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])

@@ -1,0 +1,96 @@
+"""The one start-up path every entry point takes: typed config -> world -> process group -> run -> exit code.
+
+    python -m dtrain            dtrain/__main__.py   train
+    python -m dtrain.evaluate   dtrain/evaluate.py   evaluate a checkpoint
+
+An entry says how to make its `Config` and what to run with it; `start` does the rest the same way for
+all: the world is read from the launcher, checked against the config, the process group formed and always
+torn down, and every error becomes one line naming the rank and an exit code (`errors.EXIT_*`).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from dtrain import config, data, logs, models, optim
+from dtrain import world as w
+from dtrain.config import Config
+from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED, BadInput, ConfigError, Preempted
+
+
+def conf_dir() -> str:
+    """conf/: inside the installed package (a wheel or `pip install .`), else at the repository root
+    (an editable install), where it stays for people reading and editing the repository."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+
+
+CONF_DIR = conf_dir()
+config.register()
+
+
+def make_config(dcfg: DictConfig) -> Config:
+    """A composed DictConfig as the typed, validated Config, checked against the registries' names."""
+    return config.to_config(dcfg, {"model": models.MODELS, "data": data.DATASETS,
+                                   "optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES})
+
+
+def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) -> int:
+    """Make the config, form the world and its process group, run `body(cfg, world)`; the exit code."""
+    def setup_and_run() -> int:
+        cfg = make()
+        world = w.from_env(cfg.trainer.device, cfg.dist.backend)
+        config.check_world(cfg, world)
+
+        def run() -> None:  # what `body` returns is its result, not an exit code
+            body(cfg, world)
+
+        with w.process_group(world, cfg.dist.timeout_s):
+            # Caught inside the group's block, so the traceback and all it holds (model, optimizer,
+            # loader) die before the group is torn down.
+            return exit_code(run, world, cfg.dist.timeout_s)
+
+    try:
+        return exit_code(setup_and_run, w.from_launcher())
+    finally:
+        logs.close_console()
+
+
+def exit_code(fn: Callable[[], int | None], world: w.World, timeout_s: float = 0) -> int:
+    """Run `fn` (which may return an exit code), turning any exception into an exit code and a message
+    that names this rank."""
+    try:
+        return fn() or 0
+    except Preempted:
+        return EXIT_PREEMPTED
+    except ConfigError as e:  # the same on every rank: say it once
+        if world.is_main:
+            report(f"dtrain: error: {e}")
+        return EXIT_BAD_INPUT
+    except BadInput as e:
+        report(f"{prefix(world)}dtrain: error: {e}")
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        if world.distributed and w.is_collective_failure(e):
+            report(f"{prefix(world)}dtrain: a collective did not complete within dist.timeout_s={timeout_s:g}: "
+                   f"another rank is stuck or has died (see its own message); "
+                   f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            return EXIT_FAILED
+        report(f"{prefix(world)}dtrain: {type(e).__name__}: {e}", traceback.format_exc())
+        return EXIT_FAILED
+
+
+def prefix(world: w.World) -> str:
+    return f"[rank {world.rank}] " if world.distributed else ""
+
+
+def report(line: str, detail: str = "") -> None:
+    logs.to_file(line)
+    print(line, file=sys.stderr, flush=True)
+    if detail:
+        print(detail, file=sys.stderr, flush=True)

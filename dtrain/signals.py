@@ -1,0 +1,41 @@
+"""Stop signals: SIGTERM/SIGUSR1 (how SLURM and torchrun announce preemption or teardown) are recorded
+for the training loop to act on at its next step; it then checkpoints and exits with EXIT_PREEMPTED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+
+class StopSignal:
+    """Records the first stop signal. A rank stuck where the loop cannot act (a collective whose peer
+    died) would never get there, so the first signal also arms a watchdog that exits after `grace_s`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, grace_s: float):
+        self.received: Optional[int] = None
+        self.grace_s = grace_s
+        self._watchdog: Optional[threading.Timer] = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            self._watchdog = threading.Timer(self.grace_s, self._expire, args=(signum,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _expire(self, signum: int) -> None:
+        print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of signal {signum} "
+              "(stuck in a collective?); exiting", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def restore(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for s, h in self._previous.items():
+            signal.signal(s, h)
