@@ -2,7 +2,9 @@
 
 Every builder returns `Splits`: train/val(/test) datasets yielding (input, target) plus what the model
 needs to know (task, input shape, output size). Images are held as uint8 tensors and turned into
-normalised float tensors by torchvision transforms per sample.
+normalised float tensors per sample by the small tensor transforms below. torchvision is imported only by
+the builders that read its formats (mnist, cifar10, imagefolder): importing it costs seconds at every
+process start.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
-from torchvision.transforms import v2
 
 from dtrain import world as w
 from dtrain.config import Config, DataConfig
@@ -37,7 +37,7 @@ class Splits:
 
 
 class ImageTensors(Dataset):
-    """uint8 images [N, C, H, W] with int labels, passed through a torchvision transform per sample."""
+    """uint8 images [N, C, H, W] with int labels, passed through a transform per sample."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
         self.images, self.labels, self.transform = images, labels.long(), transform
@@ -49,9 +49,44 @@ class ImageTensors(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int, size: int):
+class ToFloat:
+    """uint8 CHW -> float in [0, 1], then (x - mean) / std per channel when normalising."""
+
+    def __init__(self, mean: Optional[list[float]], std: Optional[list[float]]):
+        self.mean = torch.tensor(mean).view(-1, 1, 1) if mean is not None else None
+        self.std = torch.tensor(std).view(-1, 1, 1) if std is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255)
+        return x if self.mean is None else x.sub_(self.mean).div_(self.std)
+
+
+class CropFlip:
+    """Random crop of a zero-padded uint8 CHW image back to its size, then a horizontal flip half the time."""
+
+    def __init__(self, padding: int = 4):
+        self.padding = padding
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p, (h, w) = self.padding, x.shape[-2:]
+        i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        x = torch.nn.functional.pad(x, (p, p, p, p))[..., i:i + h, j:j + w]
+        return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+class Compose:
+    def __init__(self, *steps: Callable):
+        self.steps = steps
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int):
     """(train, eval) transforms on uint8 CHW tensors. Mean/std default to the training images' own."""
-    steps: list = [v2.ToDtype(torch.float32, scale=True)]
+    mean = std = None
     if cfg.normalize:
         if cfg.mean is not None or cfg.std is not None:
             mean, std = cfg.mean or [0.5] * channels, cfg.std or [0.5] * channels
@@ -62,9 +97,8 @@ def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int, siz
             mean, std = [0.5] * channels, [0.5] * channels
         if len(mean) != channels or len(std) != channels:
             raise ConfigError(f"data.mean/data.std={mean}/{std} need {channels} value(s), one per channel")
-        steps.append(v2.Normalize(mean, std))
-    augment = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()] if cfg.augment else []
-    return v2.Compose(augment + steps), v2.Compose(steps)
+    to_float = ToFloat(mean, std)
+    return (Compose(CropFlip(4), to_float) if cfg.augment else to_float), to_float
 
 
 def _split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +111,7 @@ def _split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, classes=10) -> Splits:
     """Splits from uint8 image tensors [N, C, H, W]; val is carved out of train."""
     tr, va = _split(len(train_y), cfg)
-    t_train, t_eval = _transforms(cfg, train_x[tr], train_x.shape[1], train_x.shape[-1])
+    t_train, t_eval = _transforms(cfg, train_x[tr], train_x.shape[1])
     test = ImageTensors(test_x, test_y, t_eval) if test_x is not None else None
     return Splits(ImageTensors(train_x[tr], train_y[tr], t_train), ImageTensors(train_x[va], train_y[va], t_eval),
                   test, "classification", tuple(train_x.shape[1:]), classes)
@@ -123,29 +157,28 @@ def mnist(cfg: DataConfig, world: w.World) -> Splits:
     files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
 
     def load(download: bool):
-        return torchvision.datasets.MNIST(str(root), train=True, download=download), \
-            torchvision.datasets.MNIST(str(root), train=False)
+        from torchvision.datasets import MNIST
+        return MNIST(str(root), train=True, download=download), MNIST(str(root), train=False)
 
     train, test = _load_official(cfg, world, f"{root}/MNIST/raw/", files, load)
     return _image_splits(cfg, train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets)
 
 
-class _CIFAR10(torchvision.datasets.CIFAR10):
-    def __init__(self, root: str, train: bool, download: bool, verify: bool):
-        if not verify:  # torchvision's check_integrity(path, None) only checks that the file exists
-            self.train_list = [(f, None) for f, _ in self.train_list]
-            self.test_list = [(f, None) for f, _ in self.test_list]
-            self.meta = {**self.meta, "md5": None}
-        super().__init__(root, train=train, download=download)
-
-
 def cifar10(cfg: DataConfig, world: w.World) -> Splits:
     root = _root(cfg, "cifar-10-batches-py/")
     files = "data_batch_1..5, test_batch and batches.meta (the CIFAR-10 python version)"
+    from torchvision.datasets import CIFAR10
+
+    class Checked(CIFAR10):
+        def __init__(self, train: bool, download: bool):
+            if not cfg.verify_checksums:  # torchvision's check_integrity(path, None) only checks existence
+                self.train_list = [(f, None) for f, _ in self.train_list]
+                self.test_list = [(f, None) for f, _ in self.test_list]
+                self.meta = {**self.meta, "md5": None}
+            super().__init__(str(root), train=train, download=download)
 
     def load(download: bool):
-        return _CIFAR10(str(root), True, download, cfg.verify_checksums), \
-            _CIFAR10(str(root), False, False, cfg.verify_checksums)
+        return Checked(True, download), Checked(False, False)
 
     train, test = _load_official(cfg, world, f"{root}/cifar-10-batches-py/", files, load)
 
@@ -160,12 +193,14 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
     root = _root(cfg, "train/<class>/<image> (and optionally val/ and test/)")
     if not (root / "train").is_dir():
         raise ConfigError(f"data.root={cfg.root!r} has no train/ folder: put images in train/<class>/")
-    t_train, t_eval = _transforms(cfg, None, 3, cfg.image_size)
-    resize = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size))]
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+    t_train, t_eval = _transforms(cfg, None, 3)
+    resize = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size)), v2.ToDtype(torch.uint8)]
     train_tf, eval_tf = v2.Compose(resize + [t_train]), v2.Compose(resize + [t_eval])
 
-    def folder(name: str, tf) -> Optional[torchvision.datasets.ImageFolder]:
-        return torchvision.datasets.ImageFolder(str(root / name), transform=tf) if (root / name).is_dir() else None
+    def folder(name: str, tf) -> Optional[ImageFolder]:
+        return ImageFolder(str(root / name), transform=tf) if (root / name).is_dir() else None
 
     try:
         train = folder("train", train_tf)
@@ -174,7 +209,7 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         raise DataError(f"data=imagefolder: {e}; put images in {root}/train/<class>/") from e
     if val is None:  # carve val out of train, seen through the eval transform
         tr, va = _split(len(train), cfg)
-        val = Subset(torchvision.datasets.ImageFolder(str(root / "train"), transform=eval_tf), va.tolist())
+        val = Subset(ImageFolder(str(root / "train"), transform=eval_tf), va.tolist())
         train = Subset(train, tr.tolist())
     classes = len(folder("train", None).classes)
     return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), classes)

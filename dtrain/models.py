@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-import torchvision
 
 from dtrain.errors import ConfigError
 
@@ -45,7 +44,8 @@ def convnet(shape: tuple[int, ...], out: int) -> nn.Module:
 
 
 def resnet18(shape: tuple[int, ...], out: int) -> nn.Module:
-    net = torchvision.models.resnet18(num_classes=out)
+    from torchvision.models import resnet18 as tv_resnet18  # imported here: torchvision is slow to import
+    net = tv_resnet18(num_classes=out)
     # Small-image stem (CIFAR-style): a 3x3 stride-1 conv and no max-pool keep 32x32 inputs informative.
     net.conv1 = nn.Conv2d(shape[0], 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
