@@ -10,6 +10,7 @@ torn down, and every error becomes one line naming the rank and an exit code (`e
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from dtrain import config, data, logs, models, optim
 from dtrain import world as w
 from dtrain.config import Config
-from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED, BadInput, ConfigError, Preempted
+from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, Preempted
 
 
 def conf_dir() -> str:
@@ -66,20 +67,24 @@ def exit_code(fn: Callable[[], int | None], world: w.World, timeout_s: float = 0
     that names this rank."""
     try:
         return fn() or 0
-    except Preempted:
-        return EXIT_PREEMPTED
-    except ConfigError as e:  # the same on every rank: say it once
-        if world.is_main:
-            report(f"dtrain: error: {e}")
-        return EXIT_BAD_INPUT
+    except Preempted as e:
+        return e.code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save
+        report(f"{prefix(world)}dtrain: interrupted")
+        return EXIT_INTERRUPTED
     except BadInput as e:
-        report(f"{prefix(world)}dtrain: error: {e}")
+        if world.is_main or not e.same_on_every_rank:  # say once what every rank found
+            report(f"{'' if e.same_on_every_rank else prefix(world)}dtrain: error: {e}")
         return EXIT_BAD_INPUT
     except Exception as e:
-        if world.distributed and w.is_collective_failure(e):
+        failure = w.collective_failure(e) if world.distributed else None
+        if failure == "peer died":
+            report(f"{prefix(world)}dtrain: another rank died (its connection closed mid-collective; see its own "
+                   f"message or the launcher's); {type(e).__name__}: {str(e).splitlines()[0]}")
+            return EXIT_FAILED
+        if failure == "timeout":
             report(f"{prefix(world)}dtrain: a collective did not complete within dist.timeout_s={timeout_s:g}: "
-                   f"another rank is stuck or has died (see its own message); "
-                   f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                   f"another rank is stuck (see its own message); {type(e).__name__}: {str(e).splitlines()[0]}")
             return EXIT_FAILED
         report(f"{prefix(world)}dtrain: {type(e).__name__}: {e}", traceback.format_exc())
         return EXIT_FAILED
@@ -90,7 +95,8 @@ def prefix(world: w.World) -> str:
 
 
 def report(line: str, detail: str = "") -> None:
-    logs.to_file(line)
+    with contextlib.suppress(Exception):  # the run folder may be the thing that failed (a full disk)
+        logs.to_file(line)
     print(line, file=sys.stderr, flush=True)
     if detail:
         print(detail, file=sys.stderr, flush=True)

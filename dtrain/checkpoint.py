@@ -13,13 +13,15 @@ size changed.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
 import random
 import re
-import zipfile
+import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -109,33 +111,66 @@ def save(folder: Path, state: dict, step: int, keep_last: int, is_best: bool) ->
     return path
 
 
+def follow_latest(path: Path) -> Path:
+    """`checkpoints/latest` names the newest checkpoint file; any other path is itself."""
+    if path.name != "latest" or not path.is_file():
+        return path
+    try:
+        return path.parent / path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint pointer {path} is unreadable ({e}); use resume=auto") from e
+
+
+# What every dtrain checkpoint holds, and the type of each entry.
+_CONTENTS = {"format": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int,
+             "step": int, "samples_in_epoch": int, "model_name": str, "config": dict, "ranks": list,
+             "world_size": int}
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check one checkpoint file; CheckpointError says what is wrong with it."""
+    """Load and check one checkpoint file; any file that is not a readable dtrain checkpoint (missing,
+    a folder, text, truncated, foreign, code-carrying) becomes one CheckpointError saying what is wrong.
+    `checkpoints/latest` is followed to the file it names."""
+    path = follow_latest(Path(path))
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file "
+                              "(.../checkpoints/step-N.pt or best.pt), or resume=auto for a run folder's newest")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {path} does not exist") from e
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
-                              "plain values, which could run code when loaded; only load checkpoints "
-                              "written by dtrain or another source you trust") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if not isinstance(state, dict) or "format" not in state or "model" not in state:
+        if "GLOBAL" in str(e) or "global" in str(e):  # the weights-only unpickler refused a class or function
+            raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
+                                  "plain values, which could run code when loaded; only load checkpoints "
+                                  "written by dtrain or another source you trust") from e
+        raise _corrupt(path, e) from e
+    except Exception as e:  # torch reports damage as RuntimeError, EOFError, KeyError, IndexError, ...
+        raise _corrupt(path, e) from e
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int):
         raise CheckpointError(f"checkpoint {path} is not a dtrain checkpoint (no format version)")
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {state['format']}; this dtrain reads "
                               f"format {FORMAT_VERSION}")
+    wrong = [k for k, kind in _CONTENTS.items() if not isinstance(state.get(k), kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is not a complete dtrain checkpoint (missing or malformed: "
+                              f"{', '.join(wrong)})")
     return state
+
+
+def _corrupt(path: Path, e: BaseException) -> CheckpointError:
+    first = (str(e).splitlines() or [""])[0]
+    return CheckpointError(f"checkpoint {path} is corrupt, truncated or not a checkpoint "
+                           f"({type(e).__name__}: {first[:160]})")
 
 
 def find_resumable(folder: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint in `folder` that loads; corrupt ones are skipped with a warning naming them."""
     candidates = step_files(folder)
     latest = folder / "latest"
-    if latest.is_file():  # normally the first candidate already; trust it first if it says otherwise
-        named = folder / latest.read_text().strip()
+    with contextlib.suppress(OSError, UnicodeDecodeError):  # an unreadable pointer: the step files decide
+        named = folder / latest.read_text().strip()  # normally the first candidate already
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
@@ -164,9 +199,10 @@ class Checkpointer:
     """When to save, how every rank takes part, and what to resume from, for one run folder."""
 
     def __init__(self, folder: Path, cfg: CheckpointConfig, world: w.World, enabled: bool, monitor: str,
-                 higher_is_better: bool, seed: int):
+                 higher_is_better: bool, seed: int, config: dict, record_change: Callable[[str], None]):
         self.folder, self.cfg, self.world, self.enabled = folder, cfg, world, enabled and cfg.enabled
         self.monitor, self.higher_is_better, self.seed = monitor, higher_is_better, seed
+        self.config, self.record_change = config, record_change  # this run's config; where changes are noted
         self.best: Optional[float] = None  # the monitored value of best.pt
 
     def should_save(self, step: int, epoch: int, *, epoch_end: bool, last: bool = False) -> bool:
@@ -199,24 +235,40 @@ class Checkpointer:
     def resume(self, trainer: Checkpointable, resume: str) -> Optional[dict]:
         """Load `resume` (auto: the newest good checkpoint here, if any; none; a path) into `trainer`
         on every rank. Returns the checkpoint's state, or None when starting fresh."""
-        if resume == "none" or resume == "auto" and not self.enabled:
+        if resume == "none" or resume in ("auto", "last") and not self.enabled:
             return None
-        if resume == "auto":  # the main rank picks the newest good file so all ranks load the same one
+        if resume in ("auto", "last"):  # last: the run folder is already the newest run's (rundir.folder_id)  # the main rank picks the newest good file so all ranks load the same one
             found = find_resumable(self.folder) if self.world.is_main else None
             path = w.broadcast_object(str(found[0]) if found else None)
             if path is None:
                 return None
         else:
-            path = resume
+            path = str(follow_latest(Path(resume)))
         state = load(Path(path), map_location=self.world.device)
-        state["rank"] = self._this_ranks_share(state)
         try:
+            state["rank"] = self._this_ranks_share(state)
             trainer.load_state_dict(state)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path} {str(e).splitlines()[0]}") from e
-        self.best = state["best"]
+        except Exception as e:  # a file that loads but does not fit: the clear error, never a traceback
+            raise CheckpointError(f"checkpoint {path} {(str(e).splitlines() or [''])[0]}") from e
+        self._check_config(state["config"], path)
+        self.best = state.get("best")
         log.info(f"resumed from {path}: epoch {state['epoch']} step {state['step']}")
         return state
+
+    def _check_config(self, saved: dict, path: str) -> None:
+        """Resuming with other training values would mix two runs under one record: refuse, naming the
+        keys, unless checkpoint.allow_config_change=true, which notes what changed and when."""
+        changes = config_changes(saved, self.config)
+        if not changes:
+            return
+        listed = ", ".join(f"{k}={a!r} -> {b!r}" for k, (a, b) in changes.items())
+        if not self.cfg.allow_config_change:
+            raise CheckpointError(f"checkpoint {path} was trained with other values: {listed}; rerun with the "
+                                  "original values, resume=none to start fresh, or checkpoint.allow_config_change="
+                                  "true to continue with the new ones (noted in config-changes.jsonl)")
+        log.warning(f"resuming {path} with changed values: {listed} (noted in config-changes.jsonl)")
+        self.record_change(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(path),
+                                       "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
 
     def _this_ranks_share(self, state: dict) -> dict:
         """The same world size continues each rank's RNG and sums exactly. Another world size cannot:
@@ -232,3 +284,24 @@ class Checkpointer:
         seed_everything(self.seed + self.world.rank + state["step"])
         keys = [k for k in ranks[0] if k != "rng"]
         return {k: sum(r[k] for r in ranks) * (1 if self.world.is_main else 0) for k in keys}
+
+
+# Keys that say how or where a run executes, not what it trains: they may differ on resume.
+OPERATIONAL = ("resume", "name", "trainer.device", "trainer.log_every_n_steps", "trainer.stop_grace_s", "dist.",
+               "logger.", "checkpoint.", "data.root", "data.download", "data.verify_checksums",
+               "data.num_workers", "data.eval_batch_size", "debug.")
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
+    """The training values that differ between two configs (as config.as_dict gives them)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def operational(key: str) -> bool:
+        return any(key == o or o.endswith(".") and key.startswith(o) for o in OPERATIONAL)
+
+    a, b = flat(saved), flat(now)
+    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k] and not operational(k)}

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dtrain import rundir
 from dtrain import world as world_env
 from dtrain.errors import ConfigError
 
@@ -121,6 +122,7 @@ class CheckpointConfig:
     every_n_steps: int = 0  # 0 = off
     keep_last: int = 2
     monitor: Monitor = Monitor.auto  # the metric best.pt is chosen by
+    allow_config_change: bool = False  # resume although training values changed (noted in config-changes.jsonl)
 
 
 @dataclass
@@ -151,7 +153,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     name: str = "${model.name}-${data.name}"
     seed: int = 0
-    resume: str = "auto"  # auto | none | PATH to a checkpoint file
+    resume: str = "auto"  # auto | last (the newest run of this config) | none | PATH to a checkpoint file
 
 
 def register() -> None:
@@ -159,11 +161,7 @@ def register() -> None:
     # Every rank must agree on one run folder, yet Hydra resolves it per process before any
     # communication exists; the run id therefore comes from what the launcher shares (see world.py).
     if not OmegaConf.has_resolver("dtrain_run_id"):
-        OmegaConf.register_new_resolver("dtrain_run_id", world_env.shared_run_id, use_cache=True)
-        # Only the main process lets Hydra write its .hydra/ folder into the run folder.
-        OmegaConf.register_new_resolver(
-            "dtrain_hydra_subdir", lambda: ".hydra" if world_env.env_rank() == 0 else None
-        )
+        OmegaConf.register_new_resolver("dtrain_run_id", rundir.folder_id)
         OmegaConf.register_new_resolver("dtrain_choices", choices_help)
 
 
@@ -288,7 +286,7 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     if cfg.trainer.device not in ("auto", "cpu", "cuda") and not cfg.trainer.device.startswith("cuda:"):
         _fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
-        _fail("resume", cfg.resume, "auto, none or the path of a checkpoint file")
+        _fail("resume", cfg.resume, "auto, last, none or the path of a checkpoint file")
 
 
 def check_world(cfg: Config, world: world_env.World) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,18 +118,36 @@ def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, c
                   test, "classification", tuple(train_x.shape[1:]), classes)
 
 
-def _read_idx_gz(path: Path) -> torch.Tensor:
-    # torchvision's IDX reader no longer opens .gz files; the format is a 4-byte magic whose last byte
-    # is the rank, big-endian int32 sizes, then uint8 data.
-    raw = gzip.decompress(path.read_bytes())
-    rank = raw[3]
+def read_idx(path: Path, rank: int) -> torch.Tensor:
+    """One IDX file, MNIST's format (also gzipped): magic bytes 0, 0, 0x08 (uint8), rank; big-endian int32
+    sizes; the data. Anything else is a DataError naming the file."""
+    replace = "replace it with the official file"
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path} is not a readable gzip file ({e}); {replace}") from e
+    if len(raw) < 4 + 4 * rank or raw[:3] != b"\x00\x00\x08" or raw[3] != rank:
+        raise DataError(f"{path} is not an MNIST IDX file of {rank} dimension(s) (it starts with "
+                        f"{raw[:4].hex() or 'nothing'}); {replace}")
     dims = np.frombuffer(raw, dtype=">i4", count=rank, offset=4)
+    expected = 4 + 4 * rank + int(np.prod(dims.astype(np.int64)))
+    if len(raw) != expected:
+        raise DataError(f"{path} holds {len(raw)} bytes but its header announces {' x '.join(map(str, dims))} "
+                        f"({expected} bytes): truncated or damaged; {replace}")
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims).copy())
 
 
+def read_idx_pair(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 1, H, W] uint8 images and their N labels; counts that differ are a DataError, not a silent trim."""
+    x, y = read_idx(images, 3), read_idx(labels, 1)
+    if len(x) != len(y):
+        raise DataError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; the two files "
+                        "must come from the same release")
+    return x.unsqueeze(1), y
+
+
 def mnist_sample(cfg: DataConfig, world: w.World) -> Splits:
-    images = _read_idx_gz(SAMPLE_DIR / "t10k-images-idx3-ubyte.gz").unsqueeze(1)
-    labels = _read_idx_gz(SAMPLE_DIR / "t10k-labels-idx1-ubyte.gz")
+    images, labels = read_idx_pair(SAMPLE_DIR / "t10k-images-idx3-ubyte.gz", SAMPLE_DIR / "t10k-labels-idx1-ubyte.gz")
     return _image_splits(cfg, images, labels)
 
 
@@ -146,7 +165,9 @@ def _load_official(cfg: DataConfig, world: w.World, layout: str, files: str, loa
     with w.main_first(world):
         try:
             return load(cfg.download and world.is_main)
-        except (RuntimeError, OSError) as e:
+        except DataError:
+            raise
+        except Exception as e:  # a missing file, a failed download, a damaged file torchvision cannot read
             how = "the download failed" if cfg.download else "data.download=false"
             raise DataError(f"data={cfg.name}: files not found or unreadable in {cfg.root} ({how}: "
                             f"{str(e).splitlines()[0]}); put {files} in {layout}") from e
@@ -154,14 +175,18 @@ def _load_official(cfg: DataConfig, world: w.World, layout: str, files: str, loa
 
 def mnist(cfg: DataConfig, world: w.World) -> Splits:
     root = _root(cfg, "MNIST/raw/")
-    files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+    raw = root / "MNIST" / "raw"
+    pairs = [("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
 
     def load(download: bool):
-        from torchvision.datasets import MNIST
-        return MNIST(str(root), train=True, download=download), MNIST(str(root), train=False)
+        if download and not all((raw / f).exists() for pair in pairs for f in pair):
+            from torchvision.datasets import MNIST
+            MNIST(str(root), train=True, download=True)  # fetches and unpacks all four files into MNIST/raw
+        return [read_idx_pair(raw / images, raw / labels) for images, labels in pairs]
 
-    train, test = _load_official(cfg, world, f"{root}/MNIST/raw/", files, load)
-    return _image_splits(cfg, train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets)
+    (train_x, train_y), (test_x, test_y) = _load_official(cfg, world, f"{raw}/",
+                                                          ", ".join(f for p in pairs for f in p), load)
+    return _image_splits(cfg, train_x, train_y, test_x, test_y)
 
 
 def cifar10(cfg: DataConfig, world: w.World) -> Splits:
@@ -183,6 +208,9 @@ def cifar10(cfg: DataConfig, world: w.World) -> Splits:
     train, test = _load_official(cfg, world, f"{root}/cifar-10-batches-py/", files, load)
 
     def chw(d) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(d.data) != len(d.targets):
+            raise DataError(f"data=cifar10: the batches in {root}/cifar-10-batches-py hold {len(d.data)} images "
+                            f"but {len(d.targets)} labels; replace them with the official files")
         return torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)
 
     return _image_splits(cfg, *chw(train), *chw(test), classes=len(train.classes))

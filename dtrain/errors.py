@@ -8,14 +8,17 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # a rank failed: its message, prefixed [rank R], says why
 EXIT_BAD_INPUT = 2  # config, data, checkpoint or world cannot work
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and it resumes
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (after a checkpoint, when checkpointing is on)
 
 
 class BadInput(Exception):
     """Input that cannot work; exit 2, nothing of the user's lost."""
+    same_on_every_rank = False  # True: every rank raises it, so only the main rank reports it
 
 
 class ConfigError(BadInput, ValueError):
     """A config value that cannot work (the same on every rank, so reported once)."""
+    same_on_every_rank = True
 
 
 class DataError(BadInput, RuntimeError):
@@ -31,4 +34,8 @@ class WorldError(BadInput, RuntimeError):
 
 
 class Preempted(Exception):
-    """A stop signal arrived; every rank has checkpointed and leaves with EXIT_PREEMPTED."""
+    """A stop signal arrived on some rank; every rank stops after the same step and leaves with `code`."""
+
+    def __init__(self, signum: int, code: int):
+        super().__init__(signum)
+        self.signum, self.code = signum, code

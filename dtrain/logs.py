@@ -18,15 +18,30 @@ from dtrain.world import World
 log = logging.getLogger("dtrain")
 
 
-def setup_console(world: World, train_log: Path | None) -> None:
-    """Main rank: INFO to stdout and to `train_log`. Other ranks: WARNING and above to stderr."""
+class _RunLogHandler(logging.FileHandler):
+    """train.log; a write the disk refuses stops the run with the run folder's clear error instead of
+    logging's printed traceback."""
+
+    def __init__(self, run: RunDir):
+        super().__init__(run.track(run.train_log), delay=True)
+        self.run = run
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise self.run.write_error(self.run.train_log, error) from error
+        super().handleError(record)
+
+
+def setup_console(world: World, run: RunDir | None) -> None:
+    """Main rank: INFO to stdout and to the run's train.log. Other ranks: WARNING and above to stderr."""
     log.handlers.clear()
     log.propagate = False
     if world.is_main:
         log.setLevel(logging.INFO)
         log.addHandler(_handler(logging.StreamHandler(sys.stdout), "%(message)s"))
-        if train_log is not None:
-            log.addHandler(_handler(logging.FileHandler(train_log),
+        if run is not None:
+            log.addHandler(_handler(_RunLogHandler(run),
                                     "%(asctime)s %(levelname)s %(message)s"))
     else:
         log.setLevel(logging.WARNING)
@@ -61,14 +76,11 @@ class JsonlSink:
     """metrics.jsonl: one JSON object per epoch, appended and flushed as it happens."""
 
     def __init__(self, run: RunDir, cfg: LoggerConfig):
-        self.path = run.metrics
-        self.f = None  # opened on the first epoch, so a run that fails before one leaves no file
+        self.run, self.path = run, run.metrics  # written on the first epoch: a run failing before has none
 
     def write(self, kind: str, metrics: dict) -> None:
         if kind == "epoch":
-            self.f = self.f or self.path.open("a")
-            self.f.write(json.dumps(metrics) + "\n")
-            self.f.flush()
+            self.run.write_text(self.path, json.dumps(metrics) + "\n", append=True)
 
     def rewind(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run logs those epochs again)."""
@@ -77,12 +89,11 @@ class JsonlSink:
             kept = [line for line in lines if json.loads(line)["step"] <= step]
             if len(kept) != len(lines):
                 tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(kept))
+                self.run.write_text(tmp, "".join(kept))
                 tmp.replace(self.path)
 
     def close(self) -> None:
-        if self.f:
-            self.f.close()
+        pass
 
 
 def _fmt(v) -> str:

@@ -1,37 +1,104 @@
-"""The run folder: the one object that knows which files a run writes there, and when it may discard them.
+"""The run folder: the one object that knows which files a run writes there, who owns the folder, and
+what may be removed after bad input.
 
-    config.yaml     the resolved config          (main process)
-    train.log       what the console showed      (main process)
-    metrics.jsonl   one JSON object per epoch    (main process, logs.JsonlSink)
-    summary.json    final metrics and timings    (main process)
-    checkpoints/    step-*.pt, latest, best.pt   (main process, checkpoint.Checkpointer)
-    .hydra/         Hydra's own record           (Hydra, main process)
+    config.yaml           the resolved config, written once by the run that started the folder
+    config-changes.jsonl  what a resume with checkpoint.allow_config_change=true changed, and when
+    .hydra/               Hydra's record of that first run: its config, its own settings, the overrides
+    train.log             what the console showed (appended by every run in the folder)
+    metrics.jsonl         one JSON object per epoch (logs.JsonlSink)
+    summary.json          final metrics and timings
+    checkpoints/          step-*.pt, latest, best.pt (checkpoint.Checkpointer)
+    .lock                 held by the main process for the run's lifetime: host, pid, start time
+
+Only the main process writes files. dtrain removes only what this invocation created, and only while the
+folder holds no result: Hydra makes the folder (and its parents) before dtrain runs, so a Hydra callback
+(`RecordExisting`, named in conf/config.yaml) notes which folders existed before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
-import shutil
+import os
+import socket
+import time
 from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from dtrain import world as w
-from dtrain.errors import WorldError
-from dtrain.world import World
+from dtrain.errors import BadInput, WorldError
+
+# The deepest folder on the way to the run folder that existed before Hydra made it (see RecordExisting).
+_existed: dict[str, Path] = {}
+
+
+class RunFolderError(BadInput):
+    """The run folder cannot be used: held by another live job, or the disk refused a write."""
+    same_on_every_rank = True
+
+
+def _deepest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def folder_id(base: str = "", *, _root_: DictConfig) -> str:
+    """The last part of the run folder (runs/<name>/<id>): a new id every launch agrees on
+    (world.shared_run_id), or with resume=last the newest run under `base` that has a checkpoint."""
+    return _folder_id(base, _root_.get("resume") == "last")
+
+
+@functools.lru_cache(maxsize=None)  # the same answer every time Hydra resolves it in this process
+def _folder_id(base: str, last: bool) -> str:
+    if last and base:
+        runs = list(Path(base).glob("*/checkpoints/latest"))
+        if runs:
+            return max(runs, key=lambda p: p.stat().st_mtime).parent.parent.name
+    return w.shared_run_id()
+
+
+class RecordExisting(Callback):
+    """Hydra callback: before Hydra makes the run (or sweep) folder, remember what already existed."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _existed["run"] = _deepest_existing(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _existed["run"] = _deepest_existing(Path(config.hydra.sweep.dir))
 
 
 class RunDir:
-    def __init__(self, path: Path, world: World):
-        self.path, self.world = Path(path), world
+    def __init__(self, path: Path, world: w.World):
+        self.path, self.world = Path(path).absolute(), world
+        self.created: list[Path] = []  # files and folders this invocation made, in order
+        self._lock: Optional[Any] = None
+        self.taken_over_from = ""
 
     config = property(lambda self: self.path / "config.yaml")
+    config_changes = property(lambda self: self.path / "config-changes.jsonl")
     train_log = property(lambda self: self.path / "train.log")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     summary = property(lambda self: self.path / "summary.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
+    lock_file = property(lambda self: self.path / ".lock")
 
     def __str__(self) -> str:
         return str(self.path)
+
+    def track(self, path: Path) -> Path:
+        """Note that this invocation is about to create `path` (if it does not exist yet)."""
+        if not path.exists():
+            self.created.append(path)
+        return path
+
+    # -- ownership ---------------------------------------------------------------------------------
 
     def check_ranks_agree(self) -> None:
         """Every rank computed the folder on its own (world.shared_run_id); make sure they agree."""
@@ -40,21 +107,93 @@ class RunDir:
             raise WorldError(f"ranks disagree on the run folder ({dirs[0]} vs {dirs[-1]}); set the same "
                              "DTRAIN_RUN_ID (or hydra.run.dir=...) for every node")
 
-    def write_config(self, resolved_yaml: str) -> None:
+    def acquire(self) -> None:
+        """The main process locks the folder for the run's lifetime; every rank learns the verdict.
+        A lock left by a dead process is released by the kernel, so it is simply taken over."""
+        error = None
         if self.world.is_main:
-            self.config.write_text(resolved_yaml)
+            try:
+                self._acquire()
+            except RunFolderError as e:
+                error = str(e)
+        error = w.broadcast_object(error)
+        if error:
+            raise RunFolderError(error)
+
+    def _acquire(self) -> None:
+        f = self._guard(lambda: open(self.track(self.lock_file), "a+"), self.lock_file)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunFolderError(f"run folder {self.path} is in use by another dtrain job ({holder}); wait for "
+                                 "it to end, or give this job its own folder (leave hydra.run.dir unset)") from None
+        f.seek(0)
+        self.taken_over_from = f.read().strip()  # a holder that died without releasing it (logged by the caller)
+        self._guard(lambda: (f.seek(0), f.truncate(), f.write(f"host {socket.gethostname()} pid {os.getpid()} "
+                                                              f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"),
+                             f.flush()), self.lock_file)
+        self._lock = f
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.truncate(0)  # an empty lock file means the last holder ended cleanly
+            self._lock.close()
+            self._lock = None
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def write_error(path: Path, e: OSError) -> RunFolderError:
+        return RunFolderError(f"could not write {path}: {e.strerror or e}; the checkpoints already there are "
+                              "untouched. Free space or fix the folder's permissions, then resume")
+
+    def _guard(self, write, path: Path):
+        try:
+            return write()
+        except OSError as e:
+            raise self.write_error(path, e) from e
+
+    def write_text(self, path: Path, text: str, append: bool = False) -> None:
+        """Main process only; a full disk or a read-only folder becomes one clear RunFolderError."""
+        if self.world.is_main:
+            self.track(path)
+            self._guard(lambda: path.open("a" if append else "w").write(text), path)
+
+    def write_config(self, resolved_yaml: str, hydra_record: dict[str, str]) -> None:
+        """The resolved config and Hydra's record, written once: a resumed run never rewrites them."""
+        if self.config.exists():
+            return
+        if self.world.is_main:
+            folder = self.track(self.path / ".hydra")
+            self._guard(lambda: folder.mkdir(exist_ok=True), folder)
+            for name, text in hydra_record.items():
+                self.write_text(folder / name, text)
+        self.write_text(self.config, resolved_yaml)
 
     def write_summary(self, summary: dict) -> None:
-        if self.world.is_main:
-            self.summary.write_text(json.dumps(summary, indent=2) + "\n")
+        self.write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    # -- after bad input ----------------------------------------------------------------------------
 
     def discard_if_resultless(self) -> None:
-        """Remove a run folder that bad input left holding no results (never one that has any). Hydra makes
-        the folder on every rank, so a slow rank may re-make it after the main rank removed it: each
-        non-main rank removes it too if it is empty."""
-        results = (self.metrics, self.summary, self.checkpoints)
-        if self.world.is_main and self.path.is_dir() and not any(r.exists() for r in results):
-            shutil.rmtree(self.path, ignore_errors=True)
-        elif not self.world.is_main:
+        """After bad input: if the folder holds no result (metrics, summary, checkpoints, of this run or an
+        earlier one), remove what this invocation created in it, then the folders Hydra made for it that
+        are now empty. Never a file or folder that was there before."""
+        if any(p.exists() for p in (self.metrics, self.summary, self.checkpoints)):
+            return
+        self.release()
+        for path in reversed(self.created):
             with contextlib.suppress(OSError):
-                self.path.rmdir()
+                path.rmdir() if path.is_dir() else path.unlink()
+        existed = _existed.get("run")
+        folder = self.path
+        while existed is not None and existed != folder and existed in folder.parents:
+            try:
+                folder.rmdir()  # only if empty: a slow rank may still be writing nothing, never a file
+            except OSError:
+                break
+            folder = folder.parent

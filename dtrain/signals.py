@@ -1,5 +1,6 @@
-"""Stop signals: SIGTERM/SIGUSR1 (how SLURM and torchrun announce preemption or teardown) are recorded
-for the training loop to act on at its next step; it then checkpoints and exits with EXIT_PREEMPTED."""
+"""Stop signals. SIGTERM/SIGUSR1 (how SLURM and torchrun announce preemption or teardown) and a first
+Ctrl-C (SIGINT) are recorded for the training loop to act on at its next step: it checkpoints and exits
+(75 after SIGTERM/SIGUSR1, 130 after Ctrl-C). A second Ctrl-C stops at once."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import threading
 from typing import Optional
 
 
+def name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
 class StopSignal:
     """Records the first stop signal. A rank stuck where the loop cannot act (a collective whose peer
     died) would never get there, so the first signal also arms a watchdog that exits after `grace_s`."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, grace_s: float):
         self.received: Optional[int] = None
@@ -25,12 +30,17 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+            if signum == signal.SIGINT:
+                print("dtrain: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once)",
+                      file=sys.stderr, flush=True)
             self._watchdog = threading.Timer(self.grace_s, self._expire, args=(signum,))
             self._watchdog.daemon = True
             self._watchdog.start()
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def _expire(self, signum: int) -> None:
-        print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of signal {signum} "
+        print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of {name(signum)} "
               "(stuck in a collective?); exiting", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -15,9 +17,10 @@ from dtrain import data, models, optim
 from dtrain import world as w
 from dtrain.checkpoint import Checkpointer, seed_everything
 from dtrain.config import Config, Precision, as_dict
-from dtrain.errors import EXIT_PREEMPTED, ConfigError, Preempted
+from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, Preempted
 from dtrain.logs import MetricLogger, log
 from dtrain.rundir import RunDir
+from dtrain import signals
 from dtrain.signals import StopSignal
 from dtrain.tasks import TASKS, autocast, evaluate
 
@@ -63,7 +66,8 @@ class Trainer:
         self.checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                          enabled=not dbg.limit_batches and not dbg.overfit_batches,
                                          monitor=monitor, higher_is_better=self.task.higher_is_better(monitor),
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, config=as_dict(cfg),
+                                         record_change=lambda line: run.write_text(run.config_changes, line, True))
         self.metrics = MetricLogger(world, run, cfg.logger)
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -92,10 +96,8 @@ class Trainer:
                 if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
                                                  last=self.finished or p.epoch == cfg.trainer.epochs):
                     self.checkpointer.save(self, p.step, val)
-        except Preempted:
-            self.checkpointer.save(self, p.step)
-            log.warning(f"stopped by signal {stop.received}: checkpoint saved at step {p.step}; "
-                        f"exiting with {EXIT_PREEMPTED} so the launcher can requeue and resume")
+        except Preempted as stopped:
+            self.stopped(stopped)
             raise
         finally:
             stop.restore()
@@ -138,11 +140,25 @@ class Trainer:
             if p.step % cfg.trainer.log_every_n_steps == 0:
                 self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss.item(),
                                    "lr": self.scheduler.get_last_lr()[0]})
-            if w.any_rank(stop.received is not None, world.device):
-                raise Preempted()
+            signum = w.max_over_ranks(stop.received or 0, world.device)
+            if signum:
+                raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
             if not self.finished and self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self, p.step)
         return {**self.task.reduce(self.epoch_sums), "complete": done >= self.steps_per_epoch * accum}
+
+    def stopped(self, stop: Preempted) -> None:
+        """Every rank got here after the same step: checkpoint it (if checkpointing is on) and say how to go on."""
+        p = self.progress
+        why = f"stopped by {signals.name(stop.signum)} after step {p.step}"
+        if not self.checkpointer.enabled:
+            stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
+            log.warning(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
+                        "was saved and a rerun starts over")
+            return
+        self.checkpointer.save(self, p.step)
+        log.warning(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
+                    f"resume=last (the newest run of this config) or hydra.run.dir={self.run}")
 
     def optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip:
@@ -169,7 +185,10 @@ class Trainer:
 
     def finish(self, val: Optional[dict], wall: float, samples_per_sec: float) -> dict:
         cfg, names = self.cfg, self.task.metrics
-        val = val or self.evaluate(self.loaders.val)  # None: resumed a run that had already finished
+        if val is None and self.run.summary.exists():  # resumed a run that had already finished
+            log.info(f"the run in {self.run} had already finished at step {self.progress.step}; its summary is kept")
+            return json.loads(self.run.summary.read_text())
+        val = val or self.evaluate(self.loaders.val)  # None: finished, but killed before its summary
         summary = {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
                    "epochs": self.progress.epoch, "steps": self.progress.step,
                    "train_loss": (self.last_metrics or {}).get("train_loss"),

@@ -106,8 +106,9 @@ def shared_run_id(env: Mapping[str, str] = os.environ) -> str:
     """A run id every process of one launch computes identically, with no communication.
 
     DTRAIN_RUN_ID wins; a SLURM job id survives requeues (so `resume=auto` finds the run); torchrun's
-    rendezvous id is shared by all nodes; on one node its agent's start time is shared by the local
-    ranks and survives torchrun's restarts; a lone process uses the time now.
+    rendezvous id is shared by all nodes; on one node its agent's start time and pid are shared by the
+    local ranks and survive torchrun's restarts; a lone process uses the time now and its pid. The pid
+    keeps two launches in the same second apart.
     """
     if env.get("DTRAIN_RUN_ID"):
         return env["DTRAIN_RUN_ID"]
@@ -120,8 +121,8 @@ def shared_run_id(env: Mapping[str, str] = os.environ) -> str:
             return "rdzv-" + env["TORCHELASTIC_RUN_ID"]
         started = _process_start_time(os.getppid())
         if started is not None:
-            return time.strftime(stamp, time.localtime(started))
-    return time.strftime(stamp)
+            return f"{time.strftime(stamp, time.localtime(started))}-{os.getppid()}"
+    return f"{time.strftime(stamp)}-{os.getpid()}"
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -251,11 +252,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(b, src)
 
 
-def is_collective_failure(e: BaseException) -> bool:
-    """An error from a collective whose peers timed out or vanished (gloo/NCCL report these as text)."""
+def collective_failure(e: BaseException) -> str | None:
+    """'peer died' or 'timeout' for an error from a collective whose peers vanished or never came (gloo and
+    NCCL report these as text); None for any other error."""
     text = str(e)
-    return isinstance(e, dist.DistError) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return "peer died"
+    if isinstance(e, dist.DistError) or "Timed out" in text or "timed out" in text:
+        return "timeout"
+    return None
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -292,9 +297,10 @@ def main_first(world: World) -> Iterator[None]:
             barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (for stopping together)."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank (which stop signal arrived anywhere, say)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 tests/faults.py key=value ...     with DTRAIN_FAULT=ACTION:RANK:STEP
 
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
-SIGKILL, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption); `killsave` SIGKILLs rank 0 half-way
+SIGKILL, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
 through writing the checkpoint of step STEP. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
@@ -38,6 +38,8 @@ def install() -> None:
                     os.kill(os.getpid(), signal.SIGTERM)
                 if action == "usr1":
                     os.kill(os.getpid(), signal.SIGUSR1)
+                if action == "int":  # Ctrl-C
+                    os.kill(os.getpid(), signal.SIGINT)
 
         trainer.Trainer.optimizer_step = faulty_step
 
