@@ -4,7 +4,7 @@
 
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
 SIGKILL, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
-through writing the checkpoint of step STEP. Faults fire only in torchrun's first
+through writing the checkpoint of step STEP; `enospc` fails that write as a full disk would. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt.
@@ -42,6 +42,18 @@ def install() -> None:
                     os.kill(os.getpid(), signal.SIGINT)
 
         trainer.Trainer.optimizer_step = faulty_step
+
+        if action == "enospc":  # the disk is full when the checkpoint of step STEP is written
+            import errno
+            from dtrain import checkpoint
+            original_write = checkpoint._atomic_write
+
+            def full_write(path, write):
+                if path.name == f"step-{int(step):08d}.pt":
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return original_write(path, write)
+
+            checkpoint._atomic_write = full_write
 
         if action == "killsave":
             import io

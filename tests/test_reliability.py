@@ -268,9 +268,36 @@ def test_a_full_disk_while_writing_metrics_is_the_clean_error_and_checkpoints_st
     assert ckpt.load(tmp_path / "checkpoints" / latest)["step"] > 0
 
 
+def test_a_full_disk_while_writing_train_log_is_the_clean_error(tmp_path):
+    from dtrain import logs
+    from dtrain import world as w
+    from dtrain.rundir import RunDir
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    logs.setup_console(w.World(), RunDir(tmp_path, w.World()))
+    try:
+        [handler] = [h for h in logs.log.handlers if getattr(h, "baseFilename", "").endswith("train.log")]
+        logs.log.info("first line")
+        handler.stream = FullDisk()
+        with pytest.raises(RunFolderError, match=r"could not write .*train.log: No space left on device"):
+            logs.log.info("the disk is full now")
+    finally:
+        logs.close_console()
+
+
 def test_a_peer_killed_with_sigkill_is_reported_as_dead_not_as_a_timeout(tmp_path):
     start = time.monotonic()
     run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=50", nproc=2, target=(FAULTS,),
                   env={"DTRAIN_FAULT": "kill:1:3"}, timeout=120)
     assert run.code != 0 and time.monotonic() - start < 60, run
     assert "[rank 0] dtrain: another rank died" in run.err and "did not complete within" not in run.err, run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_campaign_of_30_random_faults_breaks_no_invariant(tmp_path):
+    import fault_campaign  # tests/fault_campaign.py: kill -9, SIGTERM, Ctrl-C, corrupt newest, full disk, concurrent launch
+    assert fault_campaign.main(["--faults", "30", "--seed", "0", "--workdir", str(tmp_path)]) == 0
