@@ -76,6 +76,13 @@ def test_a_failed_write_leaves_no_partial_file_and_does_not_move_latest(tmp_path
     assert (folder / "step-00000001.pt").read_bytes() == good
 
 
+def complete_state(step: int) -> dict:
+    """The smallest state `ckpt.load` accepts as a dtrain checkpoint."""
+    return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "scheduler": {}, "scaler": {},
+            "epoch": 0, "step": step, "samples_in_epoch": 0, "model_name": "mlp", "config": {}, "ranks": [],
+            "world_size": 1}
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, (f"touch {Payload.marker}",))
@@ -109,14 +116,14 @@ def test_resuming_from_a_malicious_file_exits_with_one_clear_line(tmp_path):
 def test_a_truncated_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_one_used(tmp_path, caplog):
     folder = tmp_path / "checkpoints"
     for step in (1, 2):
-        ckpt.save(folder, {"model": {"w": torch.full((2,), float(step))}}, step=step, keep_last=5, is_best=False)
+        ckpt.save(folder, complete_state(step), step=step, keep_last=5, is_best=False)
     good = (folder / "step-00000001.pt").read_bytes()
     newest = folder / "step-00000002.pt"
     newest.write_bytes(newest.read_bytes()[:100])
     (folder / ".step-00000003.pt.tmp-999").write_bytes(b"half")  # a write that was killed
     path, state = ckpt.find_resumable(folder)
     assert path.name == "step-00000001.pt" and state["model"]["w"][0] == 1.0
-    assert "step-00000002.pt is corrupt or truncated" in caplog.text
+    assert "step-00000002.pt is corrupt, truncated or not a checkpoint" in caplog.text
     assert checkpoint_files(tmp_path) == ["latest", "step-00000001.pt", "step-00000002.pt.corrupt"]
     assert (folder / "step-00000001.pt").read_bytes() == good
 
