@@ -141,6 +141,16 @@ class DebugConfig:
 
 
 @dataclass
+class LauncherConfig:  # read by dtrain.launch only (see its docstring); 0 and "" mean "from the machine/SLURM"
+    nproc_per_node: int = 0  # 0: one per GPU on this node, else 1
+    nnodes: int = 0  # 0: SLURM_NNODES inside an allocation, else 1
+    rdzv_endpoint: str = ""  # host:port; "": the first SLURM node (port from the job id), else localhost
+    rdzv_id: str = ""  # "": the SLURM job id, else a fresh id
+    max_restarts: int = 0
+    monitor_interval: float = 1.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +161,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     name: str = "${model.name}-${data.name}"
     seed: int = 0
     resume: str = "auto"  # auto | last (the newest run of this config) | none | PATH to a checkpoint file
@@ -248,6 +259,7 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
     _positive("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("launcher.monitor_interval", cfg.launcher.monitor_interval)
     _positive("trainer.stop_grace_s", cfg.trainer.stop_grace_s)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
@@ -255,7 +267,8 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     for key in ("optim.weight_decay", "optim.eps", "optim.momentum", "trainer.grad_clip",
                 "trainer.label_smoothing", "data.num_workers", "data.noise", "sched.warmup_steps",
                 "sched.min_lr", "checkpoint.every_n_epochs", "checkpoint.every_n_steps",
-                "debug.limit_batches", "debug.overfit_batches"):
+                "debug.limit_batches", "debug.overfit_batches", "launcher.nproc_per_node", "launcher.nnodes",
+                "launcher.max_restarts"):
         section, name = key.split(".")
         _non_negative(key, getattr(getattr(cfg, section), name))
     if not 0 <= cfg.trainer.label_smoothing < 1:

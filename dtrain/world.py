@@ -14,6 +14,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -234,6 +235,16 @@ def wrap_model(model: nn.Module, world: World, sync_batchnorm: bool) -> nn.Modul
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
+def kill_children(sig: int) -> None:
+    """Send `sig` to this process's child processes (torch's agent starts its workers in their own
+    sessions, so a signal to our process group would not reach them)."""
+    me = os.getpid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                os.kill(int(stat.parent.name), sig)
 
 
 # -- the collectives the rest of the code uses; identity in a single process -------------------------

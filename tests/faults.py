@@ -1,9 +1,10 @@
 """Run dtrain's real entry point with a fault injected from outside (no test hooks in dtrain itself).
 
     torchrun --nproc_per_node=2 tests/faults.py key=value ...     with DTRAIN_FAULT=ACTION:RANK:STEP
+    python tests/faults.py --launch key=value ...                  dtrain.launch, its workers wrapped too
 
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
-SIGKILL, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
+SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
 through writing the checkpoint of step STEP; `enospc` fails that write as a full disk would. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
@@ -27,6 +28,8 @@ def install() -> None:
 
         def faulty_step(self):
             original(self)
+            if action == "slow" and self.world.rank == int(rank) and self.progress.step >= int(step):
+                time.sleep(0.3)  # a long job, so a test can signal it mid-training
             if self.world.rank == int(rank) and self.progress.step == int(step):
                 if action == "raise":
                     raise RuntimeError(f"injected failure at step {step}")
@@ -106,5 +109,9 @@ def install() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--launch"]:  # dtrain.launch, with every worker running this wrapper
+        from dtrain import launch
+        launch.WORKER = ("-u", __file__)
+        sys.exit(launch.main(sys.argv[2:]))
     install()
     sys.exit(main())

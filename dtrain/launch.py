@@ -1,0 +1,209 @@
+"""Launch: `python -m dtrain.launch [key=value ...]`, or the console script `dtrain-launch`.
+
+Takes the same overrides as `python -m dtrain`, plus the `launcher.*` keys. It composes and validates the
+whole config once, before any worker starts (bad input: one line, exit 2, no run folder), then starts the
+workers with torchrun's own elastic agent in this process; one process runs right here, without an agent.
+
+    launcher.nproc_per_node   processes on this node; 0: one per GPU, else 1
+    launcher.nnodes           nodes; 0: SLURM_NNODES inside a SLURM allocation, else 1
+    launcher.rdzv_endpoint    host:port of the rendezvous; "": the first host of SLURM's node list (port from
+                              the job id) on several nodes, else this host on a free port
+    launcher.rdzv_id          "": the SLURM job id, else one made for this launch
+    launcher.max_restarts     restarts of the whole group after a worker failure (each resumes)
+    launcher.monitor_interval seconds between the agent's checks of its workers
+
+Exit codes are those of a single process: 0 done, 1 a rank failed (its own message is shown above, not
+torchrun's traceback), 2 bad input, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint, 130 stopped by
+Ctrl-C after a checkpoint. SIGTERM, SIGUSR1 and Ctrl-C sent to the launcher reach every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from dtrain import app, config
+from dtrain import world as w
+from dtrain.config import Config
+from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, BadInput,
+                           ConfigError)
+
+WORKER = ("-u", "-m", "dtrain")  # what each worker runs, with the overrides after it
+
+
+@dataclass(frozen=True)
+class Plan:
+    nproc_per_node: int
+    nnodes: int
+    rdzv_endpoint: str
+    rdzv_id: str
+    run_id: str  # the run folder's id, the same on every node
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def compose(argv: list[str], with_hydra: bool = False):
+    """The config `python -m dtrain argv` would run, composed without running anything or making a folder
+    (with Hydra's own node: where the run folder will be). Hydra's errors (an unknown key or option, a
+    wrong type) become one-line ConfigErrors."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides, extra = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--config-dir", "-cd"):  # the user's own config folder, searched after dtrain's
+            extra.append(f"hydra.searchpath=[file://{Path(next(args, '')).absolute()}]")
+        elif arg.startswith("-"):
+            raise ConfigError(f"{arg}: dtrain.launch takes key=value overrides and --config-dir DIR only")
+        else:
+            overrides.append(arg)
+    try:
+        with initialize_config_dir(config_dir=app.CONF_DIR, version_base="1.3"):
+            return hydra_compose("config", overrides=overrides + extra, return_hydra_config=with_hydra)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+        raise ConfigError(f"{str(e).splitlines()[0].rstrip('.')}{cause}") from e
+
+
+def plan(cfg: Config, env: Mapping[str, str] = os.environ) -> Plan:
+    """Processes, nodes and rendezvous from the launcher keys, else from the machine and SLURM."""
+    lc, in_slurm = cfg.launcher, bool(env.get("SLURM_JOB_ID"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.trainer.device != "cpu" else 0
+    nproc = lc.nproc_per_node or max(gpus, 1)
+    nnodes = lc.nnodes or (int(env.get("SLURM_NNODES", "1")) if in_slurm else 1)
+    rdzv_id = lc.rdzv_id or (env["SLURM_JOB_ID"] if in_slurm else uuid.uuid4().hex[:12])
+    endpoint = lc.rdzv_endpoint
+    if not endpoint and nnodes > 1:
+        if not in_slurm:
+            raise ConfigError(f"launcher.nnodes={nnodes} needs launcher.rdzv_endpoint=HOST:PORT (a host every "
+                              "node can reach), or a SLURM allocation to read it from")
+        host = w.first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "localhost"))
+        endpoint = f"{host}:{20000 + int(env['SLURM_JOB_ID']) % 20000}"
+    run_id = env.get("DTRAIN_RUN_ID") or (
+        w.shared_run_id(env) if in_slurm or nnodes == 1 else f"rdzv-{rdzv_id}")
+    return Plan(nproc, nnodes, endpoint or "localhost:0", rdzv_id, run_id)
+
+
+def check(cfg: Config, p: Plan) -> None:
+    """What the workers would refuse, refused before any starts."""
+    cuda = cfg.trainer.device.startswith("cuda") or cfg.trainer.device == "auto" and torch.cuda.is_available()
+    if cuda and p.nproc_per_node > max(torch.cuda.device_count(), 1):
+        raise ConfigError(f"launcher.nproc_per_node={p.nproc_per_node} but this node has "
+                          f"{torch.cuda.device_count()} CUDA device(s); launch at most one process per GPU")
+    config.check_world(cfg, w.World(world_size=p.world_size, device=torch.device("cuda" if cuda else "cpu")))
+
+
+def exit_code(codes: Mapping[int, int]) -> tuple[int, str]:
+    """One exit code for the job from the failed workers' own codes (negative: killed by a signal, which
+    the agent does to the others once one fails), and what to say about it."""
+    own = {rank: c for rank, c in codes.items() if c > 0}
+    if not own:
+        return EXIT_FAILED, f"workers were killed by signals ({codes})"
+    for code in (EXIT_BAD_INPUT, EXIT_FAILED):
+        if code in own.values():
+            return code, ""  # the ranks printed their own one-line message
+    if set(own.values()) in ({EXIT_PREEMPTED}, {EXIT_INTERRUPTED}):
+        return next(iter(own.values())), ""
+    rank, code = min(own.items())
+    return EXIT_FAILED, f"rank {rank} exited with code {code}"
+
+
+def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # torch's agent turns the signals it handles into a SignalException, on which it sends that same
+    # signal to every worker and waits for them. It handles SIGTERM and SIGINT by default; SIGUSR1
+    # (SLURM's usual warning) is added by handling all three here and raising what the agent expects.
+    received: dict[str, float] = {}
+
+    def forward(signum, frame):
+        if "at" in received:  # a second signal (Ctrl-C again): stop the workers at once
+            w.kill_children(signal.SIGKILL)
+            raise KeyboardInterrupt
+        received.update(at=time.time(), signum=signum)
+        raise SignalException(f"dtrain.launch got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, forward)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what happened
+    launch = LaunchConfig(min_nodes=p.nnodes, max_nodes=p.nnodes, nproc_per_node=p.nproc_per_node,
+                          run_id=p.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=p.rdzv_endpoint,
+                          max_restarts=cfg.launcher.max_restarts, monitor_interval=cfg.launcher.monitor_interval,
+                          start_method="spawn", shutdown_timeout=int(cfg.trainer.stop_grace_s) + 10,
+                          signals_to_handle="SIGHUP,SIGQUIT")  # TERM, INT and USR1 are ours (`forward`)
+    try:
+        elastic_launch(launch, sys.executable)(*WORKER, *argv)
+        return 0
+    except ChildFailedError as e:
+        code, why = exit_code({rank: f.exitcode for rank, f in e.failures.items()})
+    except SignalException:
+        # The workers were sent the signal and have exited; they stopped cleanly if they saved a
+        # checkpoint after it arrived.
+        code, why = stopped_code(run_dir, received)
+    if why:
+        print(f"dtrain.launch: {why}", file=sys.stderr, flush=True)
+    return code
+
+
+def stopped_code(run_dir: Path, received: dict) -> tuple[int, str]:
+    """After a stop signal: the workers' own code (75, or 130 for Ctrl-C) if they saved a checkpoint after
+    it arrived, else 128 + the signal, as a process killed by it."""
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.exists() and latest.stat().st_mtime >= received["at"] - 1:
+        return (EXIT_INTERRUPTED if received["signum"] == signal.SIGINT else EXIT_PREEMPTED), ""
+    name = signal.Signals(received["signum"]).name
+    return 128 + received["signum"], f"stopped by {name}; the workers saved no checkpoint after it"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = app.make_config(compose(argv))
+        p = plan(cfg)
+        check(cfg, p)
+    except BadInput as e:
+        print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    os.environ["DTRAIN_RUN_ID"] = p.run_id  # every worker, on every node, names the same run folder
+    if p.nnodes > 1:  # torchrun's shared store breaks restarts across nodes (pytorch#135712)
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if p.world_size == 1:
+        return run_here(argv)
+    run_dir = Path(str(compose(argv, with_hydra=True).hydra.run.dir)).absolute()  # as the workers will name it
+    print(f"dtrain.launch: {p.nproc_per_node} process(es) x {p.nnodes} node(s), rendezvous {p.rdzv_endpoint} "
+          f"id {p.rdzv_id}, run folder {run_dir}", flush=True)
+    return run_workers(argv, cfg, p, run_dir)
+
+
+def run_here(argv: list[str]) -> int:
+    """One process: the training entry itself, in this process."""
+    from dtrain.__main__ import main as train
+    sys.argv = ["dtrain", *argv]
+    try:
+        train()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_FAILED
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,91 @@
+"""`python -m dtrain.launch`: the config is validated once before any worker starts, torch's elastic agent
+starts the workers in-process, and the exit code means what a single process's would."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CHILD_ENV, FAULTS, ROOT, Run, assert_same_weights, final_state, run_cli
+
+SMALL = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_samples=1001",
+         "data.batch_size=32", "data.eval_batch_size=64", "optim=adam", "trainer.epochs=3", "seed=5",
+         "checkpoint.every_n_steps=10")
+LAUNCH = [sys.executable, "-m", "dtrain.launch"]
+TWO = "launcher.nproc_per_node=2"
+
+
+def launch(tmp_path: Path, *overrides: str, fault: str = "", timeout: float = 240) -> Run:
+    target = (FAULTS, "--launch") if fault else ("-m", "dtrain.launch")
+    return run_cli(tmp_path / "run", *overrides, launcher=[sys.executable], target=target, timeout=timeout,
+                   env={"DTRAIN_FAULT": fault} if fault else None)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lr=-1"], "dtrain: error: optim.lr=-1.0 is not allowed: must be > 0"),
+    (["trainer.epochz=3"], "dtrain: error: Could not override 'trainer.epochz': Key 'epochz' not in 'TrainerConfig'"),
+    (["model=nope"], "dtrain: error: In 'config': Could not find 'model/nope'"),
+    (["data.batch_size=63"], "data.batch_size=63 is not allowed: the global batch must divide evenly by the world size 2"),
+    (["trainer.precision=fp16", "trainer.device=cpu"], "fp16 needs a CUDA device"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(tmp_path, overrides, message):
+    start = time.monotonic()
+    proc = subprocess.run([*LAUNCH, TWO, *overrides], cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+def test_two_workers_train_like_one_process_and_one_process_runs_in_the_launcher_itself(tmp_path):
+    one = launch(tmp_path / "one", *SMALL, "launcher.nproc_per_node=1")
+    two = launch(tmp_path / "two", *SMALL, TWO)
+    assert one.code == 0 and two.code == 0, (one, two)
+    assert "launcher=single" in one.out and "dtrain.launch:" not in one.out  # no agent, no worker process
+    assert "dtrain.launch: 2 process(es) x 1 node(s)" in two.out and two.summary["world_size"] == 2
+    assert_same_weights(final_state(one), final_state(two))
+
+
+def test_a_worker_that_fails_makes_the_launcher_exit_1_with_its_message_and_not_torchruns(tmp_path):
+    run = launch(tmp_path, *SMALL, TWO, fault="raise:1:3")
+    assert run.code == 1, run
+    assert "[rank 1] dtrain: RuntimeError: injected failure at step 3" in run.err
+    assert "ChildFailedError" not in run.err and "torch/distributed/elastic" not in run.err, run
+
+
+def test_a_preempted_worker_makes_the_launcher_exit_75_after_the_checkpoint(tmp_path):
+    run = launch(tmp_path, *SMALL, TWO, fault="term:1:23")
+    assert run.code == 75, run
+    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000023.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)])
+def test_a_signal_to_the_launcher_reaches_every_worker_which_checkpoint_and_stop(tmp_path, sig, code):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, FAULTS, "--launch", *SMALL, TWO, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            env={**CHILD_ENV, "DTRAIN_FAULT": "slow:0:5"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"stopped by {signal.Signals(sig).name} after step" in out, out
+    stopped = int((run_dir / "checkpoints" / "latest").read_text()[5:13])
+    assert 10 < stopped < 75  # saved where the signal found it, not at a cadence step
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_with_max_restarts_and_the_run_ends_as_if_never_killed(tmp_path):
+    reference = launch(tmp_path / "ref", *SMALL, TWO)
+    restarted = launch(tmp_path / "killed", *SMALL, TWO, "launcher.max_restarts=1", fault="kill:1:45")
+    assert reference.code == 0 and restarted.code == 0, restarted
+    assert "resumed from" in restarted.out
+    assert_same_weights(final_state(reference), final_state(restarted), rtol=0, atol=0)
