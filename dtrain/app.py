@@ -78,15 +78,14 @@ def exit_code(fn: Callable[[], int | None], world: w.World, timeout_s: float = 0
         return EXIT_BAD_INPUT
     except Exception as e:
         failure = w.collective_failure(e) if world.distributed else None
-        if failure == "peer died":
-            report(f"{prefix(world)}dtrain: another rank died (its connection closed mid-collective; see its own "
-                   f"message or the launcher's); {type(e).__name__}: {str(e).splitlines()[0]}")
-            return EXIT_FAILED
-        if failure == "timeout":
-            report(f"{prefix(world)}dtrain: a collective did not complete within dist.timeout_s={timeout_s:g}: "
-                   f"another rank is stuck (see its own message); {type(e).__name__}: {str(e).splitlines()[0]}")
-            return EXIT_FAILED
-        report(f"{prefix(world)}dtrain: {type(e).__name__}: {e}", traceback.format_exc())
+        if failure:  # this rank is fine; say what happened to the others, not this rank's traceback
+            why = {"peer died": "another rank died (its connection closed mid-collective; see its own message "
+                                "or the launcher's)",
+                   "timeout": f"a collective did not complete within dist.timeout_s={timeout_s:g}: another "
+                              "rank is stuck (see its own message)"}[failure]
+            report(f"{prefix(world)}dtrain: {why}; {type(e).__name__}: {str(e).splitlines()[0]}")
+        else:
+            report(f"{prefix(world)}dtrain: {type(e).__name__}: {e}", traceback.format_exc())
         return EXIT_FAILED
 
 

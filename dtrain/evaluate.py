@@ -23,7 +23,7 @@ from dtrain import app, config, data, models
 from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
-from dtrain.errors import ConfigError
+from dtrain.errors import CheckpointError, ConfigError
 from dtrain.tasks import TASKS, evaluate
 
 
@@ -68,7 +68,11 @@ def run(cfg: Config, world: w.World, ev: EvalConfig) -> dict:
         raise ConfigError(f"split={split!r} is not available for data={cfg.data.name}; choose one of "
                           + ", ".join(["auto", *have]))
     model = models.build(cfg.model.name, splits.task, splits.shape, splits.out, cfg.data.name)
-    model.load_state_dict(ckpt.load(Path(ev.ckpt))["model"])
+    try:
+        model.load_state_dict(ckpt.load(Path(ev.ckpt))["model"])
+    except RuntimeError as e:  # e.g. data.* overrides that change the input shape
+        raise CheckpointError(f"checkpoint {ev.ckpt} does not fit model={cfg.model.name} on this data "
+                              f"({str(e).splitlines()[0]})") from e
     result = evaluate(model.to(world.device), data.eval_loader(getattr(splits, split), cfg, world),
                       TASKS[splits.task], world, cfg.trainer.precision, cfg.trainer.label_smoothing)
     result = {"ckpt": ev.ckpt, "split": split, "model": cfg.model.name, "data": cfg.data.name, **result}

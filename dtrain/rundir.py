@@ -132,9 +132,14 @@ class RunDir:
                                  "it to end, or give this job its own folder (leave hydra.run.dir unset)") from None
         f.seek(0)
         self.taken_over_from = f.read().strip()  # a holder that died without releasing it (logged by the caller)
-        self._guard(lambda: (f.seek(0), f.truncate(), f.write(f"host {socket.gethostname()} pid {os.getpid()} "
-                                                              f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"),
-                             f.flush()), self.lock_file)
+
+        def claim() -> None:
+            f.seek(0)
+            f.truncate()
+            f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+
+        self._guard(claim, self.lock_file)
         self._lock = f
 
     def release(self) -> None:
