@@ -148,16 +148,17 @@ class Trainer:
         return {**self.task.reduce(self.epoch_sums), "complete": done >= self.steps_per_epoch * accum}
 
     def stopped(self, stop: Preempted) -> None:
-        """Every rank got here after the same step: checkpoint it (if checkpointing is on) and say how to go on."""
+        """Every rank got here after the same step: checkpoint it (if checkpointing is on) and say how to go on
+        (once, on the main rank's console)."""
         p = self.progress
         why = f"stopped by {signals.name(stop.signum)} after step {p.step}"
         if not self.checkpointer.enabled:
             stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
-            log.warning(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
+            log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
                         "was saved and a rerun starts over")
             return
         self.checkpointer.save(self, p.step)
-        log.warning(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
+        log.info(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
                     f"resume=last (the newest run of this config) or hydra.run.dir={self.run}")
 
     def optimizer_step(self) -> None:

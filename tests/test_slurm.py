@@ -1,13 +1,17 @@
-"""`srun` alone (no torchrun) starts the ranks: dtrain reads SLURM's variables and trains like torchrun.
-Runs where a SLURM cluster answers; `slurm/local-cluster.sh start` brings up a one-host one (CI does)."""
+"""dtrain under a real SLURM: `srun` alone starts ranks that train like torchrun, and the batch scripts in
+slurm/ run the launcher, survive preemption by checkpointing and requeueing, and never requeue a broken
+job. Runs where a SLURM cluster answers; `slurm/local-cluster.sh start` brings up a one-host one (CI does)."""
 
+import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import CHILD_ENV, Run, assert_same_weights, final_state, run_cli
+from conftest import CHILD_ENV, FAULTS, ROOT, Run, assert_same_weights, final_state, run_cli
 
 
 def cluster_up() -> bool:
@@ -34,3 +38,80 @@ def test_srun_alone_starts_two_ranks_that_train_like_one_process(tmp_path):
     srun = Run(subprocess.CompletedProcess([], 0, proc.stdout, proc.stderr), folders[0])
     assert "launcher=slurm" in proc.stdout and srun.summary["world_size"] == 2
     assert_same_weights(final_state(one), final_state(srun))
+
+
+# -- the batch scripts ---------------------------------------------------------------------------------
+
+def submit(folder: Path, *overrides: str, env: dict | None = None) -> str:
+    """`sbatch slurm/train-cpu.sbatch ...` from a folder of the user's that holds slurm/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    (folder / "slurm").symlink_to(ROOT / "slurm")
+    env = {**CHILD_ENV, "PATH": f"{Path(sys.executable).parent}:{CHILD_ENV['PATH']}", **(env or {})}
+    proc = subprocess.run(["sbatch", "--parsable", "slurm/train-cpu.sbatch", *overrides], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=CHILD_ENV, capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def wait(job_id: str, timeout: float = 400) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job(job_id)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end within {timeout}s: {job(job_id)}")
+
+
+def test_the_cpu_batch_script_runs_the_launcher_with_two_workers_to_completion(tmp_path):
+    job_id = submit(tmp_path, *SMALL)
+    info = wait(job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), info
+    run = tmp_path / "runs" / "mlp3-synthetic" / f"job{job_id}"
+    summary = Run(subprocess.CompletedProcess([], 0, "", ""), run).summary
+    assert (summary["world_size"], summary["steps"]) == (2, 50)
+    assert (run / "slurm.out").resolve() == (tmp_path / f"slurm-dtrain-cpu-{job_id}.out").resolve()
+
+
+def test_a_warned_job_checkpoints_requeues_itself_and_ends_like_an_uninterrupted_one(tmp_path):
+    config = (*SMALL, "trainer.epochs=3", "checkpoint.every_n_steps=10")
+    reference = run_cli(tmp_path / "reference", *config, "launcher.nproc_per_node=2", launcher=[sys.executable],
+                        target=("-m", "dtrain.launch"))
+    assert reference.code == 0, reference
+    slow = {"DTRAIN_LAUNCH": f"{sys.executable} {FAULTS} --launch", "DTRAIN_FAULT": "slow:0:5"}
+    job_id = submit(tmp_path / "job", *config, env=slow)
+    run = tmp_path / "job" / "runs" / "mlp3-synthetic" / f"job{job_id}"
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "latest").exists():
+        assert time.monotonic() < deadline, job(job_id)
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=CHILD_ENV, check=True, timeout=30)
+    info = wait(job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info
+    log = (run / "slurm.out").read_text()
+    assert "stopped by SIGUSR1 after step" in log and "requeueing job" in log and "resumed from" in log, log
+    assert_same_weights(final_state(reference), final_state(Run(subprocess.CompletedProcess([], 0, "", ""), run)),
+                        rtol=0, atol=0)
+
+
+def test_a_job_with_bad_input_fails_with_exit_2_and_is_never_requeued(tmp_path):
+    job_id = submit(tmp_path, *SMALL, "optim.lr=-1")
+    info = wait(job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), info
+    log = (tmp_path / f"slurm-dtrain-cpu-{job_id}.out").read_text()
+    assert "dtrain: error: optim.lr=-1.0 is not allowed" in log and "requeueing" not in log
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_the_launch_and_slurm_scripts_pass_shellcheck():
+    scripts = [*map(str, (ROOT / "slurm").glob("*.sh")), *map(str, (ROOT / "slurm").glob("*.sbatch")),
+               *map(str, (ROOT / "launch").glob("*.sh"))]
+    proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout
