@@ -173,6 +173,7 @@ def register() -> None:
     # communication exists; the run id therefore comes from what the launcher shares (see world.py).
     if not OmegaConf.has_resolver("dtrain_run_id"):
         OmegaConf.register_new_resolver("dtrain_run_id", rundir.folder_id)
+        OmegaConf.register_new_resolver("dtrain_sweep_id", rundir.sweep_id)
         OmegaConf.register_new_resolver("dtrain_choices", choices_help)
 
 

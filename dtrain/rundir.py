@@ -64,6 +64,12 @@ def _folder_id(base: str, last: bool) -> str:
     return w.shared_run_id()
 
 
+def sweep_id() -> str:
+    """The sweep folder's id (runs/multirun/<id>), fixed by the process that starts the sweep and inherited
+    by its jobs: Hydra's submitit launcher resolves the folder again inside each SLURM job."""
+    return os.environ.setdefault("DTRAIN_SWEEP_ID", w.shared_run_id())
+
+
 class RecordExisting(Callback):
     """Hydra callback: before Hydra makes the run (or sweep) folder, remember what already existed."""
 

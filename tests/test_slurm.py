@@ -115,3 +115,19 @@ def test_the_launch_and_slurm_scripts_pass_shellcheck():
                *map(str, (ROOT / "launch").glob("*.sh"))]
     proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_a_two_point_sweep_through_hydras_submitit_launcher_runs_each_point_as_a_two_rank_job(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'dtrain[slurm]'")
+    tmp_path.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "-m", "optim.lr=0.1,0.01", *SMALL, "trainer.epochs=1",
+                           "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1"],
+                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [sweep] = (tmp_path / "runs" / "multirun").iterdir()  # one sweep folder, named by the submitting process
+    points = sorted(p.parent for p in sweep.glob("*/summary.json"))
+    assert [p.name for p in points] == ["0-mlp3-synthetic", "1-mlp3-synthetic"]
+    for point, lr in zip(points, (0.1, 0.01)):
+        summary = Run(subprocess.CompletedProcess([], 0, "", ""), point).summary
+        assert summary["world_size"] == 2 and summary["steps"] == 25
+        assert f"lr: {lr}" in (point / "config.yaml").read_text()
