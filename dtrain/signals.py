@@ -1,6 +1,7 @@
-"""Stop signals. SIGTERM/SIGUSR1 (how SLURM and torchrun announce preemption or teardown) and a first
-Ctrl-C (SIGINT) are recorded for the training loop to act on at its next step: it checkpoints and exits
-(75 after SIGTERM/SIGUSR1, 130 after Ctrl-C). A second Ctrl-C stops at once."""
+"""Stop signals. SIGTERM/SIGUSR1/SIGUSR2 (how SLURM, submitit and torchrun announce preemption or
+teardown) and a first Ctrl-C (SIGINT) are recorded for the training loop to act on at its next step: it
+checkpoints and exits (75, or 130 after Ctrl-C). A second Ctrl-C stops at once. A handler that was
+installed before dtrain's (submitit's, which requeues the job) gets the signal once the checkpoint is saved."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class StopSignal:
     """Records the first stop signal. A rank stuck where the loop cannot act (a collective whose peer
     died) would never get there, so the first signal also arms a watchdog that exits after `grace_s`."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self, grace_s: float):
         self.received: Optional[int] = None
@@ -43,6 +44,13 @@ class StopSignal:
         print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of {name(signum)} "
               "(stuck in a collective?); exiting", file=sys.stderr, flush=True)
         os._exit(128 + signum)
+
+    def hand_on(self, signum: int) -> None:
+        """Give `signum` to the Python handler that was there before ours, now that we have checkpointed
+        (under Hydra's submitit launcher that handler requeues the job and exits)."""
+        previous = self._previous.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, None)
 
     def restore(self) -> None:
         if self._watchdog is not None:

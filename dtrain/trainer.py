@@ -98,6 +98,7 @@ class Trainer:
                     self.checkpointer.save(self, p.step, val)
         except Preempted as stopped:
             self.stopped(stopped)
+            stop.hand_on(stopped.signum)
             raise
         finally:
             stop.restore()

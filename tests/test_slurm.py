@@ -131,3 +131,30 @@ def test_a_two_point_sweep_through_hydras_submitit_launcher_runs_each_point_as_a
         summary = Run(subprocess.CompletedProcess([], 0, "", ""), point).summary
         assert summary["world_size"] == 2 and summary["steps"] == 25
         assert f"lr: {lr}" in (point / "config.yaml").read_text()
+
+
+def test_a_sweep_point_warned_by_submitits_signal_checkpoints_is_requeued_and_ends_like_an_uninterrupted_one(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'dtrain[slurm]'")
+    point = ("-m", "optim.lr=0.01", *SMALL, "trainer.epochs=120", "hydra/launcher=slurm",
+             "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1")
+    runs = {}
+    for name, warn in (("whole", False), ("warned", True)):
+        folder = tmp_path / name
+        folder.mkdir(mode=0o755)
+        sweep = subprocess.Popen([sys.executable, "-m", "dtrain", *point], cwd=folder, env=CHILD_ENV,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if warn:  # what submitit's #SBATCH --signal=USR2@... sends every task before the time limit
+            deadline = time.monotonic() + 300
+            while not list(folder.glob("runs/multirun/*/0-*/checkpoints/latest")):
+                assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()
+                time.sleep(0.3)
+            job_id = subprocess.run(["squeue", "-h", "-o", "%A"], env=CHILD_ENV, capture_output=True, text=True,
+                                    timeout=30).stdout.split()[0]
+            subprocess.run(["scancel", "--signal=USR2", job_id], env=CHILD_ENV, check=True, timeout=30)
+        out, err = sweep.communicate(timeout=500)
+        assert sweep.returncode == 0, err[-3000:]
+        [runs[name]] = folder.glob("runs/multirun/*/0-*")
+    log = (runs["warned"] / "train.log").read_text()
+    assert "stopped by SIGUSR2 after step" in log and "resumed from" in log, log
+    whole, warned = (Run(subprocess.CompletedProcess([], 0, "", ""), r) for r in (runs["whole"], runs["warned"]))
+    assert_same_weights(final_state(whole), final_state(warned), rtol=0, atol=0)
