@@ -89,3 +89,25 @@ def test_a_killed_worker_is_restarted_with_max_restarts_and_the_run_ends_as_if_n
     assert reference.code == 0 and restarted.code == 0, restarted
     assert "resumed from" in restarted.out
     assert_same_weights(final_state(reference), final_state(restarted), rtol=0, atol=0)
+
+
+def test_the_plan_reads_nodes_rendezvous_and_run_folder_from_a_slurm_allocation(monkeypatch):
+    from dtrain import launch
+    from conftest import make_config
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    p = launch.plan(make_config(), slurm)
+    assert (p.nproc_per_node, p.nnodes, p.world_size) == (1, 2, 2)
+    assert (p.rdzv_endpoint, p.rdzv_id, p.run_id) == ("gpu07:24242", "4242", "job4242")  # port from the job id
+    mine = launch.plan(make_config("launcher.nproc_per_node=2", "launcher.rdzv_endpoint=head:29400"), slurm)
+    assert (mine.world_size, mine.rdzv_endpoint) == (4, "head:29400")
+
+
+def test_several_nodes_outside_slurm_need_a_rendezvous_endpoint():
+    from dtrain import launch
+    from dtrain.errors import ConfigError
+    from conftest import make_config
+    with pytest.raises(ConfigError, match="launcher.nnodes=2 needs launcher.rdzv_endpoint=HOST:PORT"):
+        launch.plan(make_config("launcher.nnodes=2"), {})
+    p = launch.plan(make_config("launcher.nnodes=2", "launcher.rdzv_endpoint=n0:29500", "launcher.rdzv_id=exp"), {})
+    assert (p.rdzv_endpoint, p.run_id) == ("n0:29500", "rdzv-exp")  # the same folder on every node
