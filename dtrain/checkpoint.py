@@ -237,7 +237,8 @@ class Checkpointer:
         on every rank. Returns the checkpoint's state, or None when starting fresh."""
         if resume == "none" or resume in ("auto", "last") and not self.enabled:
             return None
-        if resume in ("auto", "last"):  # last: the run folder is already the newest run's (rundir.folder_id)  # the main rank picks the newest good file so all ranks load the same one
+        if resume in ("auto", "last"):  # for last, the run folder already is the newest run's (rundir.folder_id)
+            # The main rank picks the newest good file, so all ranks load the same one.
             found = find_resumable(self.folder) if self.world.is_main else None
             path = w.broadcast_object(str(found[0]) if found else None)
             if path is None:
@@ -263,10 +264,13 @@ class Checkpointer:
             return
         listed = ", ".join(f"{k}={a!r} -> {b!r}" for k, (a, b) in changes.items())
         if not self.cfg.allow_config_change:
-            raise CheckpointError(f"checkpoint {path} was trained with other values: {listed}; rerun with the "
-                                  "original values, resume=none to start fresh, or checkpoint.allow_config_change="
-                                  "true to continue with the new ones (noted in config-changes.jsonl)")
-        log.warning(f"resuming {path} with changed values: {listed} (noted in config-changes.jsonl)")
+            refused = CheckpointError(f"checkpoint {path} was trained with other values: {listed}; rerun with the "
+                                      "original values, resume=none to start fresh, or checkpoint."
+                                      "allow_config_change=true to continue with the new ones (noted in "
+                                      "config-changes.jsonl)")
+            refused.same_on_every_rank = True  # every rank compares the same two configs: say it once
+            raise refused
+        log.info(f"resuming {path} with changed values: {listed} (noted in config-changes.jsonl)")
         self.record_change(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(path),
                                        "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
 
