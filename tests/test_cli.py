@@ -108,6 +108,7 @@ def test_a_batch_that_does_not_split_across_two_ranks_is_reported_once(tmp_path)
     assert not run.dir.exists()
 
 
+@pytest.mark.slow
 def test_evaluate_takes_data_root_as_its_docstring_shows_and_defaults_to_a_split_the_data_has(tmp_path):
     write_mnist(tmp_path / "data")
     run = run_cli(tmp_path / "run", "data=mnist", f"data.root={tmp_path}/data", "data.download=false",

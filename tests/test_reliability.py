@@ -165,6 +165,7 @@ def test_a_corrupt_newest_checkpoint_of_any_kind_is_set_aside_and_the_previous_o
         (folder / "step-00000030.pt.corrupt").unlink()
 
 
+@pytest.mark.slow
 def test_resume_from_a_text_file_is_one_line_and_from_latest_follows_the_pointer(tmp_path):
     first = run_cli(tmp_path / "a", *SMALL, "trainer.max_steps=20")
     assert first.code == 0, first
@@ -182,6 +183,7 @@ def test_resume_from_a_text_file_is_one_line_and_from_latest_follows_the_pointer
 
 # -- resuming continues the same run, never a different one under the same record -------------------
 
+@pytest.mark.slow
 def test_a_resume_with_other_training_values_is_refused_naming_them_unless_allowed_and_recorded(tmp_path):
     first = run_cli(tmp_path / "run", *SMALL, "trainer.max_steps=20")
     assert first.code == 0, first
@@ -223,6 +225,7 @@ def test_a_signal_with_checkpointing_off_saves_nothing_and_promises_no_resume(tm
     assert not (run.dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_rank_0_names_the_signal_another_rank_received(tmp_path):
     run = run_cli(tmp_path / "run", *SMALL, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
     assert "stopped by SIGUSR1 after step 23: checkpoint saved; exiting with 75" in run.out, run
