@@ -155,6 +155,8 @@ def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
         # The workers were sent the signal and have exited; they stopped cleanly if they saved a
         # checkpoint after it arrived.
         code, why = stopped_code(run_dir, received)
+    except KeyboardInterrupt:  # a second signal: the workers were killed without finishing their step
+        code, why = EXIT_INTERRUPTED, "interrupted; the workers were stopped at once"
     if why:
         print(f"dtrain.launch: {why}", file=sys.stderr, flush=True)
     return code

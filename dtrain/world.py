@@ -93,10 +93,6 @@ def _launch_env(env: Mapping[str, str]) -> dict[str, Any]:
     return dict(launcher="single")
 
 
-def env_rank(env: Mapping[str, str] = os.environ) -> int:
-    return _launch_env(env).get("rank", 0)
-
-
 def from_launcher(env: Mapping[str, str] = os.environ) -> World:
     """Rank and sizes as the launcher set them, before the device is known: enough to report an error
     that happens while the config is still being read."""

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from dtrain import app
 from dtrain.app import CONF_DIR
+from dtrain.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Child processes: quiet, offline, one thread each (2 cores are shared by up to 4 processes).
@@ -27,7 +28,7 @@ def compose_dcfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-def make_config(*overrides: str) -> config.Config:
+def make_config(*overrides: str) -> Config:
     """The real composed config with `overrides`, typed and validated."""
     return app.make_config(compose_dcfg(*overrides))
 

@@ -23,7 +23,6 @@ import collections
 import hashlib
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
