@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -28,7 +29,7 @@ import torch
 
 from dtrain import world as w
 from dtrain.config import CheckpointConfig
-from dtrain.errors import CheckpointError
+from dtrain.errors import CheckpointError, Preempted
 from dtrain.logs import log
 
 FORMAT_VERSION = 2  # 2: per-rank sums are [loss, count, *task extras]; precision is fp32|bf16|fp16
@@ -232,6 +233,19 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
 
+    def save_on_stop(self, trainer: Checkpointable, step: int, stop: Preempted) -> None:
+        """Every rank got here after the same step of a stop signal: checkpoint it (if checkpointing is on)
+        and say, once, how to go on."""
+        why = f"stopped by {signal.Signals(stop.signum).name} after step {step}"
+        if not self.enabled:
+            stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
+            log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
+                     "was saved and a rerun starts over")
+            return
+        self.save(trainer, step)
+        log.info(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
+                 f"resume=last (the newest run of this config) or hydra.run.dir={self.folder.parent}")
+
     def resume(self, trainer: Checkpointable, resume: str) -> Optional[dict]:
         """Load `resume` (auto: the newest good checkpoint here, if any; none; a path) into `trainer`
         on every rank. Returns the checkpoint's state, or None when starting fresh."""
@@ -246,6 +260,10 @@ class Checkpointer:
         else:
             path = str(follow_latest(Path(resume)))
         state = load(Path(path), map_location=self.world.device)
+        if state["model_name"] != self.config["model"]["name"]:
+            raise CheckpointError(f"checkpoint {path} holds model={state['model_name']} but the config asks for "
+                                  f"model={self.config['model']['name']}; pass the matching model= or "
+                                  "resume=none to start fresh")
         try:
             state["rank"] = self._this_ranks_share(state)
             trainer.load_state_dict(state)

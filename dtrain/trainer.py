@@ -20,7 +20,6 @@ from dtrain.config import Config, Precision, as_dict
 from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, Preempted
 from dtrain.logs import MetricLogger, log
 from dtrain.rundir import RunDir
-from dtrain import signals
 from dtrain.signals import StopSignal
 from dtrain.tasks import TASKS, autocast, evaluate
 
@@ -97,7 +96,7 @@ class Trainer:
                                                  last=self.finished or p.epoch == cfg.trainer.epochs):
                     self.checkpointer.save(self, p.step, val)
         except Preempted as stopped:
-            self.stopped(stopped)
+            self.checkpointer.save_on_stop(self, p.step, stopped)
             stop.hand_on(stopped.signum)
             raise
         finally:
@@ -147,20 +146,6 @@ class Trainer:
             if not self.finished and self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self, p.step)
         return {**self.task.reduce(self.epoch_sums), "complete": done >= self.steps_per_epoch * accum}
-
-    def stopped(self, stop: Preempted) -> None:
-        """Every rank got here after the same step: checkpoint it (if checkpointing is on) and say how to go on
-        (once, on the main rank's console)."""
-        p = self.progress
-        why = f"stopped by {signals.name(stop.signum)} after step {p.step}"
-        if not self.checkpointer.enabled:
-            stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
-            log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
-                        "was saved and a rerun starts over")
-            return
-        self.checkpointer.save(self, p.step)
-        log.info(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
-                    f"resume=last (the newest run of this config) or hydra.run.dir={self.run}")
 
     def optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip:
@@ -221,9 +206,6 @@ class Trainer:
         return {"epoch_sums": self.epoch_sums}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["model_name"] != self.cfg.model.name:
-            raise ValueError(f"holds model={state['model_name']} but the config asks for "
-                             f"model={self.cfg.model.name}; pass the matching model= or resume=none to start fresh")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:
