@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import re
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -27,6 +26,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
+from dtrain import signals
 from dtrain import world as w
 from dtrain.config import CheckpointConfig
 from dtrain.errors import CheckpointError, Preempted
@@ -236,7 +236,7 @@ class Checkpointer:
     def save_on_stop(self, trainer: Checkpointable, step: int, stop: Preempted) -> None:
         """Every rank got here after the same step of a stop signal: checkpoint it (if checkpointing is on)
         and say, once, how to go on."""
-        why = f"stopped by {signal.Signals(stop.signum).name} after step {step}"
+        why = f"stopped by {signals.name(stop.signum)} after step {step}"
         if not self.enabled:
             stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
             log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
