@@ -36,6 +36,12 @@ class Backend(str, enum.Enum):
     gloo = "gloo"
 
 
+class WandbMode(str, enum.Enum):
+    online = "online"  # falls back to offline, with a warning, when the service cannot be reached
+    offline = "offline"  # written under <run>/wandb/; `wandb sync` uploads it later
+    disabled = "disabled"
+
+
 class Monitor(str, enum.Enum):
     auto = "auto"  # the task's own: val_acc for classification, val_loss for regression
     val_acc = "val_acc"
@@ -106,6 +112,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     log_every_n_steps: int = 50
     compile: bool = False
+    profile: bool = False  # torch.profiler trace of a few early steps, per rank, in <run>/profile/
     stop_grace_s: float = 20.0  # after SIGTERM/SIGUSR1, exit anyway if no clean stop came by then
 
 
@@ -126,10 +133,18 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig:  # sinks are flags, several at once; conf/logger/ has presets (wandb, tensorboard, all)
     name: str = "default"
     console: bool = True
     jsonl: bool = True
+    tensorboard: bool = False  # <run>/tensorboard/: scalars per step and epoch, hparams with the final metrics
+    wandb: bool = False  # main process only, one run per job; resumed jobs continue the same wandb run
+    wandb_project: str = "dtrain"
+    wandb_entity: Optional[str] = None
+    wandb_mode: WandbMode = WandbMode.online  # WANDB_MODE in the environment wins, as in wandb itself
+    wandb_init_timeout_s: float = 60.0
+    plots: bool = True  # PNG curves, confusion matrix and a prediction grid in the run folder at the end
+    progress_bar: Optional[bool] = None  # None: a bar when stdout is a terminal, else periodic log lines
 
 
 @dataclass
@@ -262,6 +277,7 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("launcher.monitor_interval", cfg.launcher.monitor_interval)
     _positive("trainer.stop_grace_s", cfg.trainer.stop_grace_s)
+    _positive("logger.wandb_init_timeout_s", cfg.logger.wandb_init_timeout_s)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
         _fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")

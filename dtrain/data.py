@@ -35,6 +35,7 @@ class Splits:
     task: str  # a name in tasks.TASKS
     shape: tuple[int, ...]  # one input's shape
     out: int  # classes, or regression targets
+    class_names: Optional[list[str]] = None  # None: the class indices
 
 
 class ImageTensors(Dataset):
@@ -109,13 +110,14 @@ def _split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[n_val:], perm[:n_val]
 
 
-def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, classes=10) -> Splits:
+def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, classes=10,
+                  class_names: Optional[list[str]] = None) -> Splits:
     """Splits from uint8 image tensors [N, C, H, W]; val is carved out of train."""
     tr, va = _split(len(train_y), cfg)
     t_train, t_eval = _transforms(cfg, train_x[tr], train_x.shape[1])
     test = ImageTensors(test_x, test_y, t_eval) if test_x is not None else None
     return Splits(ImageTensors(train_x[tr], train_y[tr], t_train), ImageTensors(train_x[va], train_y[va], t_eval),
-                  test, "classification", tuple(train_x.shape[1:]), classes)
+                  test, "classification", tuple(train_x.shape[1:]), classes, class_names)
 
 
 def read_idx(path: Path, rank: int) -> torch.Tensor:
@@ -213,7 +215,7 @@ def cifar10(cfg: DataConfig, world: w.World) -> Splits:
                             f"but {len(d.targets)} labels; replace them with the official files")
         return torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)
 
-    return _image_splits(cfg, *chw(train), *chw(test), classes=len(train.classes))
+    return _image_splits(cfg, *chw(train), *chw(test), classes=len(train.classes), class_names=list(train.classes))
 
 
 def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
@@ -239,8 +241,8 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         tr, va = _split(len(train), cfg)
         val = Subset(ImageFolder(str(root / "train"), transform=eval_tf), va.tolist())
         train = Subset(train, tr.tolist())
-    classes = len(folder("train", None).classes)
-    return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), classes)
+    names = folder("train", None).classes
+    return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), len(names), names)
 
 
 def synthetic(cfg: DataConfig, world: w.World) -> Splits:

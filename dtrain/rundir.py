@@ -4,13 +4,18 @@ what may be removed after bad input.
     config.yaml           the resolved config, written once by the run that started the folder
     config-changes.jsonl  what a resume with checkpoint.allow_config_change=true changed, and when
     .hydra/               Hydra's record of that first run: its config, its own settings, the overrides
-    train.log             what the console showed (appended by every run in the folder)
+    rank{N}.log           each rank's own log, every line naming the rank (appended by every run in the folder)
     metrics.jsonl         one JSON object per epoch (logs.JsonlSink)
     summary.json          final metrics and timings
+    confusion.json        the final validation confusion matrix (classification)
+    samples.npz           a few validation images with their true and predicted labels (image classification)
+    curves.png, confusion.png, samples.png   plots drawn from the three files above (dtrain.plots)
+    tensorboard/, wandb/  the optional sinks' own files (logger.tensorboard, logger.wandb)
+    profile/              torch.profiler traces, one per rank (trainer.profile=true)
     checkpoints/          step-*.pt, latest, best.pt (checkpoint.Checkpointer)
     .lock                 held by the main process for the run's lifetime: host, pid, start time
 
-Only the main process writes files. dtrain removes only what this invocation created, and only while the
+Only the main process writes files, except each rank's own log and profiler trace. dtrain removes only what this invocation created, and only while the
 folder holds no result: Hydra makes the folder (and its parents) before dtrain runs, so a Hydra callback
 (`RecordExisting`, named in conf/config.yaml) notes which folders existed before.
 """
@@ -25,7 +30,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -89,9 +94,11 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     config_changes = property(lambda self: self.path / "config-changes.jsonl")
-    train_log = property(lambda self: self.path / "train.log")
+    rank_log = property(lambda self: self.path / f"rank{self.world.rank}.log")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     summary = property(lambda self: self.path / "summary.json")
+    confusion = property(lambda self: self.path / "confusion.json")
+    samples = property(lambda self: self.path / "samples.npz")
     checkpoints = property(lambda self: self.path / "checkpoints")
     lock_file = property(lambda self: self.path / ".lock")
 
@@ -170,9 +177,13 @@ class RunDir:
 
     def write_text(self, path: Path, text: str, append: bool = False) -> None:
         """Main process only; a full disk or a read-only folder becomes one clear RunFolderError."""
+        self.write(path, lambda: path.open("a" if append else "w").write(text))
+
+    def write(self, path: Path, writer: Callable[[], Any]) -> Any:
+        """`writer()` creates or changes `path`: on the main process only, tracked and guarded."""
         if self.world.is_main:
             self.track(path)
-            self._guard(lambda: path.open("a" if append else "w").write(text), path)
+            return self._guard(writer, path)
 
     def write_config(self, resolved_yaml: str, hydra_record: dict[str, str]) -> None:
         """The resolved config and Hydra's record, written once: a resumed run never rewrites them."""

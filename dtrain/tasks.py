@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ class Task:
     extras: tuple[str, ...]  # metrics beyond the loss, each a mean over samples
     extra_sums: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]  # (out, y) -> one sum per extra
     monitor: str  # the default metric best.pt is chosen by
+    classifies: bool = False  # outputs are class scores: a confusion matrix and predictions make sense
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -66,7 +67,8 @@ TASKS: dict[str, Task] = {
         "classification",
         loss=lambda out, y, label_smoothing=0.0, reduction="mean": F.cross_entropy(
             out, y, label_smoothing=label_smoothing, reduction=reduction),
-        extras=("acc",), extra_sums=lambda out, y: [(out.argmax(1) == y).sum()], monitor="val_acc"),
+        extras=("acc",), extra_sums=lambda out, y: [(out.argmax(1) == y).sum()], monitor="val_acc",
+        classifies=True),
     "regression": Task(
         "regression",
         loss=lambda out, y, label_smoothing=0.0, reduction="mean": F.mse_loss(out, y, reduction=reduction),
@@ -83,12 +85,14 @@ def autocast(device: torch.device, precision: Precision):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
              precision: Precision = Precision.fp32, label_smoothing: float = 0.0,
-             limit: int = 0) -> dict[str, float]:
-    """The task's metrics over the loader's samples on all ranks, each sample counted once."""
+             limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
+    """The task's metrics over the loader's samples on all ranks, each sample counted once. With
+    `classes`, also the confusion matrix (rows: true class, columns: predicted), summed over ranks."""
     was_training = model.training
     model.eval()
     sums = task.zeros(world.device)
-    for i, (x, y) in enumerate(loader):
+    confusion = torch.zeros(classes * classes, dtype=torch.int64, device=world.device)
+    for i, (x, y) in enumerate(bar(loader)):
         if limit and i >= limit:
             break
         x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
@@ -96,5 +100,25 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
             out = model(x)
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
         sums += task.batch_sums(task.loss(out, y, label_smoothing), out, y)
+        if classes:
+            confusion += torch.bincount(y * classes + out.argmax(1), minlength=classes * classes)
     model.train(was_training)
-    return task.reduce(sums)
+    metrics: dict = task.reduce(sums)
+    if classes:
+        metrics["confusion"] = w.all_reduce_sum(confusion).view(classes, classes).tolist()
+    return metrics
+
+
+@torch.no_grad()
+def predict_samples(model: nn.Module, dataset, device: torch.device, n: int = 16) -> dict:
+    """The first `n` samples of `dataset` with the model's predictions, as images to look at: uint8,
+    channels last, each rescaled to its own range (what normalisation did is undone well enough to see)."""
+    was_training = model.training
+    model.eval()
+    x, y = map(torch.stack, zip(*(map(torch.as_tensor, dataset[i]) for i in range(min(n, len(dataset))))))
+    predicted = model(x.to(device)).float().argmax(1).cpu()
+    model.train(was_training)
+    lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    images = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return {"images": images.numpy(), "labels": y.numpy(), "predicted": predicted.numpy()}

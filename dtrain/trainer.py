@@ -13,15 +13,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dtrain import data, models, optim
+from dtrain import data, logs, models, optim, perf
 from dtrain import world as w
 from dtrain.checkpoint import Checkpointer, seed_everything
 from dtrain.config import Config, Precision, as_dict
 from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, Preempted
-from dtrain.logs import MetricLogger, log
+from dtrain.logs import Context, MetricLogger, log
 from dtrain.rundir import RunDir
 from dtrain.signals import StopSignal
-from dtrain.tasks import TASKS, autocast, evaluate
+from dtrain.tasks import TASKS, autocast, evaluate, predict_samples
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Trainer:
         self.cfg, self.world, self.run = cfg, world, run
         tc, dbg = cfg.trainer, cfg.debug
         seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-        splits = data.build(cfg.data, world)
+        splits = self.splits = data.build(cfg.data, world)
         self.task = TASKS[splits.task]
         self.model = models.build(cfg.model.name, splits.task, splits.shape, splits.out,
                                   cfg.data.name).to(world.device)
@@ -67,7 +67,12 @@ class Trainer:
                                          monitor=monitor, higher_is_better=self.task.higher_is_better(monitor),
                                          seed=cfg.seed, config=as_dict(cfg),
                                          record_change=lambda line: run.write_text(run.config_changes, line, True))
-        self.metrics = MetricLogger(world, run, cfg.logger)
+        self.metrics = MetricLogger(world, run, cfg.logger, Context(cfg.name, as_dict(cfg), tc.epochs,
+                                                                    self.total_steps, cfg.data.batch_size * tc.accumulate_grad_batches))
+        self.flops_per_sample = perf.training_flops_per_sample(self.model, splits.shape, world.device)
+        self.peak_flops = perf.peak_flops(world.device, tc.precision != Precision.fp32)
+        self.profiler = perf.profiler(run.track(run.path / "profile") if tc.profile else None, world.rank,
+                                      world.device)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -80,21 +85,22 @@ class Trainer:
                  f"{self.world.describe()} global_batch={cfg.data.batch_size} run_dir={self.run}")
         torch.autograd.set_detect_anomaly(cfg.debug.detect_anomaly)
         stop = StopSignal(cfg.trainer.stop_grace_s)
-        start, train_time, train_samples, val = time.perf_counter(), 0.0, 0, None
+        start, train_time, train_samples, val, first_step = time.perf_counter(), 0.0, 0, None, p.step
         try:
-            while p.epoch < cfg.trainer.epochs and not self.finished:
-                t0 = time.perf_counter()
-                train = self.train_epoch(stop)
-                epoch_time = time.perf_counter() - t0
-                train_time, train_samples = train_time + epoch_time, train_samples + train["samples"]
-                w.broadcast_buffers(self.model)  # every rank evaluates and saves rank 0's model
-                val = self.evaluate(self.loaders.val)
-                self.log_epoch(train, val, epoch_time)
-                if train["complete"]:  # else max_steps stopped it part-way: keep the position
-                    p.epoch, p.samples_in_epoch = p.epoch + 1, 0
-                if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
-                                                 last=self.finished or p.epoch == cfg.trainer.epochs):
-                    self.checkpointer.save(self, p.step, val)
+            with self.profiler:  # a no-op unless trainer.profile=true
+                while p.epoch < cfg.trainer.epochs and not self.finished:
+                    t0, first = time.perf_counter(), p.step
+                    train = self.train_epoch(stop)
+                    epoch_time = time.perf_counter() - t0
+                    train_time, train_samples = train_time + epoch_time, train_samples + train["samples"]
+                    w.broadcast_buffers(self.model)  # every rank evaluates and saves rank 0's model
+                    val = self.evaluate(self.loaders.val)
+                    self.log_epoch(train, val, epoch_time, p.step - first)
+                    if train["complete"]:  # else max_steps stopped it part-way: keep the position
+                        p.epoch, p.samples_in_epoch = p.epoch + 1, 0
+                    if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
+                                                     last=self.finished or p.epoch == cfg.trainer.epochs):
+                        self.checkpointer.save(self, p.step, val)
         except Preempted as stopped:
             self.checkpointer.save_on_stop(self, p.step, stopped)
             stop.hand_on(stopped.signum)
@@ -102,7 +108,8 @@ class Trainer:
         finally:
             stop.restore()
             torch.autograd.set_detect_anomaly(False)
-        return self.finish(val, time.perf_counter() - start, train_samples / max(train_time, 1e-9))
+        return self.finish(val, time.perf_counter() - start, train_samples / max(train_time, 1e-9),
+                           train_time / max(self.progress.step - first_step, 1))
 
     @property
     def finished(self) -> bool:
@@ -137,6 +144,8 @@ class Trainer:
                 continue
             self.optimizer_step()
             p.samples_in_epoch = done * cfg.data.batch_size
+            self.metrics.advance(p.step, p.epoch)
+            self.profiler.step()
             if p.step % cfg.trainer.log_every_n_steps == 0:
                 self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss.item(),
                                    "lr": self.scheduler.get_last_lr()[0]})
@@ -157,20 +166,31 @@ class Trainer:
         self.scheduler.step()
         self.progress.step += 1
 
-    def evaluate(self, loader) -> dict:
+    def evaluate(self, loader, name: str = "val") -> dict:
         tc = self.cfg.trainer
         return evaluate(self.model, loader, self.task, self.world, tc.precision, tc.label_smoothing,
-                        self.cfg.debug.limit_batches)
+                        self.cfg.debug.limit_batches, classes=self.splits.out if self.task.classifies else 0,
+                        bar=lambda batches: self.metrics.bar(batches, name, len(loader)))
 
-    def log_epoch(self, train: dict, val: dict, epoch_time: float) -> None:
+    def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
         names = self.task.metrics
         self.last_metrics = {"epoch": self.progress.epoch, "step": self.progress.step,
                              **{f"train_{k}": train[k] for k in names}, **{f"val_{k}": val[k] for k in names},
-                             "lr": self.scheduler.get_last_lr()[0],
-                             "samples_per_sec": train["samples"] / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
+                             "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
+                             **self.speed(train["samples"] / max(epoch_time, 1e-9), epoch_time / max(steps, 1))}
         self.metrics.epoch(self.last_metrics)
 
-    def finish(self, val: Optional[dict], wall: float, samples_per_sec: float) -> dict:
+    def speed(self, samples_per_sec: float, step_time: float) -> dict:
+        """Global training throughput; FLOP/s where the model's FLOPs could be counted, and model FLOP
+        utilisation where the GPU's peak is known."""
+        out = {"samples_per_sec": samples_per_sec, "step_time_s": step_time}
+        if self.flops_per_sample:
+            out["flops_per_sec"] = flops = self.flops_per_sample * samples_per_sec
+            if self.peak_flops:
+                out["mfu"] = flops / (self.peak_flops * self.world.world_size)
+        return out
+
+    def finish(self, val: Optional[dict], wall: float, samples_per_sec: float, step_time: float) -> dict:
         cfg, names = self.cfg, self.task.metrics
         if val is None and self.run.summary.exists():  # resumed a run that had already finished
             log.info(f"the run in {self.run} had already finished at step {self.progress.step}; its summary is kept")
@@ -181,15 +201,35 @@ class Trainer:
                    "train_loss": (self.last_metrics or {}).get("train_loss"),
                    **{f"val_{k}": val[k] for k in names}, "val_samples": val["samples"]}
         if self.loaders.test is not None:
-            test = self.evaluate(self.loaders.test)
+            test = self.evaluate(self.loaders.test, "test")
             summary.update({f"test_{k}": test[k] for k in names})
-        summary.update(wall_time_s=wall, samples_per_sec=samples_per_sec, world_size=self.world.world_size,
+        summary.update(monitor=self.checkpointer.monitor, best=self.checkpointer.best, wall_time_s=wall,
+                       **self.speed(samples_per_sec, step_time), world_size=self.world.world_size,
                        num_nodes=self.world.num_nodes, device=str(self.world.device),
                        precision=cfg.trainer.precision.value, run_dir=str(self.run))
-        log.info("summary: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in summary.items()))
         self.run.write_summary(summary)
+        self.metrics.summary(summary, self.details(val))
+        logs.report(summary, self.outputs())
         return summary
+
+    def details(self, val: dict) -> dict:
+        """What the plots need beyond the metrics: the confusion matrix and a few predictions."""
+        if not self.task.classifies or not self.cfg.logger.plots:
+            return {}
+        classes = self.splits.class_names or [str(i) for i in range(self.splits.out)]
+        details = {"confusion": val["confusion"], "classes": classes}
+        if len(self.splits.shape) == 3:  # images
+            details["samples"] = {**predict_samples(self.model, self.loaders.val.dataset, self.world.device),
+                                  "classes": classes}
+        return details
+
+    def outputs(self) -> dict[str, str]:
+        """Where the run's results are, for the report."""
+        found = {"run": str(self.run), "ckpt": str(self.checkpointer.folder) if self.checkpointer.folder.exists() else "",
+                 "plots": " ".join(p.name for p in map(self.run.path.joinpath, ("curves.png", "confusion.png",
+                                                                                 "samples.png")) if p.exists()),
+                 "tb": "tensorboard --logdir " + str(self.run.path / "tensorboard") if self.cfg.logger.tensorboard else ""}
+        return {k: v for k, v in found.items() if v}
 
     def close(self) -> None:
         self.metrics.close()
@@ -200,7 +240,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 **dataclasses.asdict(self.progress), "model_name": self.cfg.model.name,
-                "config": as_dict(self.cfg), "metrics": self.last_metrics}
+                "config": as_dict(self.cfg), "metrics": self.last_metrics, "logger": self.metrics.state_dict()}
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         return {"epoch_sums": self.epoch_sums}
@@ -217,4 +257,5 @@ class Trainer:
         p = self.progress  # updated in place: the loop holds a reference to it
         p.epoch, p.step, p.samples_in_epoch = state["epoch"], state["step"], state["samples_in_epoch"]
         self.last_metrics = state["metrics"]
+        self.metrics.load_state_dict(state.get("logger") or {})
         self.epoch_sums.copy_(state["rank"]["epoch_sums"])

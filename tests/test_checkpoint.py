@@ -25,7 +25,8 @@ STEPS = 3 * (801 // 32)  # 75 optimizer steps
 
 
 def without_timing(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k not in ("samples_per_sec", "epoch_time_s")} for m in metrics]
+    from dtrain.perf import TIMINGS
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
 
 
 def checkpoint_files(run_dir: Path) -> list[str]:

@@ -16,11 +16,11 @@ def test_the_default_job_trains_the_mlp_on_the_mnist_sample_to_94_percent(tmp_pa
     run = run_cli(tmp_path / "run")
     assert run.code == 0, run
     assert run.summary["val_acc"] >= 0.94 and run.summary["world_size"] == 1
-    assert {p.name for p in run.dir.iterdir()} >= {".hydra", "config.yaml", "train.log", "metrics.jsonl",
+    assert {p.name for p in run.dir.iterdir()} >= {".hydra", "config.yaml", "rank0.log", "metrics.jsonl",
                                                    "summary.json", "checkpoints"}
     assert len(run.metrics) == 5 and run.metrics[-1]["val_acc"] == run.summary["val_acc"]
     assert load_yaml(run.dir / "config.yaml")["name"] == "mlp-mnist_sample"  # resolved, not ${...}
-    assert "summary:" in (run.dir / "train.log").read_text()
+    assert "summary:" in (run.dir / "rank0.log").read_text()
 
 
 def test_torchrun_with_two_ranks_agrees_on_one_timestamped_run_folder(tmp_path):

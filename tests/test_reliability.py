@@ -271,7 +271,7 @@ def test_a_full_disk_while_writing_metrics_is_the_clean_error_and_checkpoints_st
     assert ckpt.load(tmp_path / "checkpoints" / latest)["step"] > 0
 
 
-def test_a_full_disk_while_writing_train_log_is_the_clean_error(tmp_path):
+def test_a_full_disk_while_writing_the_rank_log_is_the_clean_error(tmp_path):
     from dtrain import logs
     from dtrain import world as w
     from dtrain.rundir import RunDir
@@ -282,10 +282,10 @@ def test_a_full_disk_while_writing_train_log_is_the_clean_error(tmp_path):
 
     logs.setup_console(w.World(), RunDir(tmp_path, w.World()))
     try:
-        [handler] = [h for h in logs.log.handlers if getattr(h, "baseFilename", "").endswith("train.log")]
+        [handler] = [h for h in logs.log.handlers if getattr(h, "baseFilename", "").endswith("rank0.log")]
         logs.log.info("first line")
         handler.stream = FullDisk()
-        with pytest.raises(RunFolderError, match=r"could not write .*train.log: No space left on device"):
+        with pytest.raises(RunFolderError, match=r"could not write .*rank0.log: No space left on device"):
             logs.log.info("the disk is full now")
     finally:
         logs.close_console()

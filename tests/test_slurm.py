@@ -154,7 +154,7 @@ def test_a_sweep_point_warned_by_submitits_signal_checkpoints_is_requeued_and_en
         out, err = sweep.communicate(timeout=500)
         assert sweep.returncode == 0, err[-3000:]
         [runs[name]] = folder.glob("runs/multirun/*/0-*")
-    log = (runs["warned"] / "train.log").read_text()
+    log = (runs["warned"] / "rank0.log").read_text()
     assert "stopped by SIGUSR2 after step" in log and "resumed from" in log, log
     whole, warned = (Run(subprocess.CompletedProcess([], 0, "", ""), r) for r in (runs["whole"], runs["warned"]))
     assert_same_weights(final_state(whole), final_state(warned), rtol=0, atol=0)

@@ -1,0 +1,76 @@
+"""How fast training runs: model FLOPs counted once from one forward pass (for FLOP/s and model FLOP
+utilisation against the GPU's peak), and an optional torch.profiler trace of a few steps."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+# The metrics that measure speed, not learning: they differ between two otherwise identical runs.
+TIMINGS = ("epoch_time_s", "wall_time_s", "samples_per_sec", "step_time_s", "flops_per_sec", "mfu")
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores, fp32).
+PEAK_FLOPS = {
+    "H200": (989e12, 67e12),
+    "H100 NVL": (835e12, 60e12),
+    "H100 PCIe": (756e12, 51e12),
+    "H100": (989e12, 67e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "L4": (121e12, 30.3e12),
+    "A10": (125e12, 31.2e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+@torch.no_grad()
+def training_flops_per_sample(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> Optional[int]:
+    """FLOPs to train on one sample: a counted forward pass times 3 (the backward pass costs about two
+    forwards). Counted in eval mode so BatchNorm's running statistics are untouched; None if an operator
+    cannot be counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.zeros(1, *shape, device=device))
+        return 3 * counter.get_total_flops() or None
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+
+
+def peak_flops(device: torch.device, low_precision: bool) -> Optional[float]:
+    """This GPU's dense peak FLOP/s for the precision trained in, if its name is in PEAK_FLOPS."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, single) in PEAK_FLOPS.items():  # ordered so the most specific name matches first
+        if key in name:
+            return half if low_precision else single
+    return None
+
+
+class _NoProfiler(contextlib.nullcontext):
+    def step(self) -> None:
+        pass
+
+
+def profiler(folder: Optional[Path], rank: int, device: torch.device):
+    """With a folder (trainer.profile=true): trace steps 3-5 of this process (after a step of wait and one of warm-up)
+    into folder/rank{N}.*.pt.trace.json, which Perfetto (ui.perfetto.dev) and TensorBoard's profiler
+    plugin open. Call `.step()` after every optimizer step."""
+    if folder is None:
+        return _NoProfiler()
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(folder), worker_name=f"rank{rank}"),
+                   record_shapes=True)
