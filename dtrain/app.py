@@ -95,7 +95,7 @@ def prefix(world: w.World) -> str:
 
 def report(line: str, detail: str = "") -> None:
     with contextlib.suppress(Exception):  # the run folder may be the thing that failed (a full disk)
-        logs.to_file(line)
+        logs.to_file(line + (f"\n{detail.rstrip()}" if detail else ""))
     print(line, file=sys.stderr, flush=True)
     if detail:
         print(detail, file=sys.stderr, flush=True)

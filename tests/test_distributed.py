@@ -102,6 +102,8 @@ def test_a_rank_that_raises_stops_the_whole_job_quickly_naming_the_rank(tmp_path
     assert time.monotonic() - start < 60
     assert run.code != 0, run
     assert "[rank 1] dtrain: RuntimeError: injected failure at step 3" in run.err, run
+    logged = (run.dir / "rank1.log").read_text()  # readable after the fact, with where it happened
+    assert "[rank 1] ERROR [rank 1] dtrain: RuntimeError: injected failure" in logged and "faulty_step" in logged
 
 
 def test_a_stuck_rank_ends_the_job_at_the_collective_timeout_with_a_clear_message(tmp_path):

@@ -169,6 +169,7 @@ def test_a_forced_progress_bar_shows_epoch_loss_lr_and_throughput(tmp_path):
     bar = run.err.replace("\r", "\n")
     assert "epoch 2/2" in bar and "280/280" in bar and "loss=" in bar and "lr=" in bar and "samples_per_sec=" in bar
     assert "step/s" in bar or "s/step" in bar  # tqdm's rate and ETA
+    assert "val:" in bar and "batch" in bar  # evaluation has its own
     assert not [line for line in run.out.splitlines() if line.startswith("  epoch")]  # the bar replaced them
     assert "epoch 1 step 280 |" in run.out  # epoch lines stay
 
