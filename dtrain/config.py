@@ -36,6 +36,12 @@ class Backend(str, enum.Enum):
     gloo = "gloo"
 
 
+class DataPath(str, enum.Enum):
+    auto = "auto"  # device for data sets held in memory (mnist*, cifar10, synthetic, regression), else stream
+    device = "device"  # the whole data set on the device, batches are index slices (data.DeviceLoader)
+    stream = "stream"  # a DataLoader with workers (data.StreamLoader)
+
+
 class WandbMode(str, enum.Enum):
     online = "online"  # falls back to offline, with a warning, when the service cannot be reached
     offline = "offline"  # written under <run>/wandb/; `wandb sync` uploads it later
@@ -64,7 +70,11 @@ class DataConfig:
     eval_batch_size: int = 1000  # global batch for validation/test
     val_fraction: float = 0.1  # share of the training split held out for validation
     split_seed: int = 0  # fixes the train/val split independently of the training seed
-    num_workers: int = 0
+    loader: DataPath = DataPath.auto
+    num_workers: int = 0  # stream path: DataLoader worker processes
+    pin_memory: Optional[bool] = None  # stream path; None: on CUDA
+    persistent_workers: bool = True  # stream path, with workers
+    prefetch_factor: int = 2  # stream path, with workers: batches each worker loads ahead
     drop_last: bool = True  # False: pad the sampler and keep the short last batch
     augment: bool = False  # random crop (padding 4) + horizontal flip, for 3-channel images
     normalize: bool = True
@@ -111,7 +121,10 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     label_smoothing: float = 0.0
     log_every_n_steps: int = 50
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU, Triton on GPU)
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
+    channels_last: bool = False  # images and convolution weights in NHWC memory format (faster on tensor cores)
+    sync_every_n_steps: int = 10  # DDP: ranks agree on a stop signal every N optimizer steps (one tiny all-reduce)
     profile: bool = False  # torch.profiler trace of a few early steps, per rank, in <run>/profile/
     stop_grace_s: float = 20.0  # after SIGTERM/SIGUSR1, exit anyway if no clean stop came by then
 
@@ -120,6 +133,12 @@ class TrainerConfig:
 class DistConfig:
     backend: Backend = Backend.auto
     timeout_s: float = 300.0  # collectives and forming the world
+    # DistributedDataParallel's options, with PyTorch's defaults
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
+    find_unused_parameters: bool = False  # needed by models with parameters some steps do not use
+    broadcast_buffers: bool = True
 
 
 @dataclass
@@ -271,9 +290,12 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     _positive("optim.lr", cfg.optim.lr)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("data.eval_batch_size", cfg.data.eval_batch_size)
+    _positive("data.prefetch_factor", cfg.data.prefetch_factor)
     _positive("trainer.epochs", cfg.trainer.epochs)
     _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
     _positive("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps)
+    _positive("trainer.sync_every_n_steps", cfg.trainer.sync_every_n_steps)
+    _positive("dist.bucket_cap_mb", cfg.dist.bucket_cap_mb)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("launcher.monitor_interval", cfg.launcher.monitor_interval)
     _positive("trainer.stop_grace_s", cfg.trainer.stop_grace_s)
@@ -327,9 +349,30 @@ def check_world(cfg: Config, world: world_env.World) -> None:
         if value % world.world_size:
             _fail(f"data.{key}", value,
                   f"the global batch must divide evenly by the world size {world.world_size}")
-    if cfg.trainer.precision == Precision.fp16 and world.device.type != "cuda":
-        _fail("trainer.precision", "fp16", f"fp16 needs a CUDA device and this process runs on {world.device}; "
-              "use trainer.precision=bf16 on CPU")
+    problem = precision_problem(cfg.trainer.precision, world.device)
+    if problem:
+        _fail("trainer.precision", cfg.trainer.precision.value, problem)
+
+
+def precision_problem(precision: Precision, device) -> Optional[str]:
+    """Why `device` cannot train in `precision` with this PyTorch, or None: autocast is tried on a tiny
+    matmul (PyTorch turns an unsupported autocast dtype into a warning and plain fp32, silently)."""
+    import warnings
+    import torch
+    if precision == Precision.fp32:
+        return None
+    dtype = torch.bfloat16 if precision == Precision.bf16 else torch.float16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} has no bf16 support; use trainer.precision=fp16"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == dtype
+    except (RuntimeError, ValueError):
+        ok = False
+    return None if ok else (f"this PyTorch cannot autocast to {precision.value} on {device.type}; "
+                            "use trainer.precision=fp32")
 
 
 def as_dict(cfg: Config) -> dict:

@@ -1,10 +1,11 @@
 """Data sets (registered by name) and the rank-aware loaders.
 
 Every builder returns `Splits`: train/val(/test) datasets yielding (input, target) plus what the model
-needs to know (task, input shape, output size). Images are held as uint8 tensors and turned into
-normalised float tensors per sample by the small tensor transforms below. torchvision is imported only by
-the builders that read its formats (mnist, cifar10, imagefolder): importing it costs seconds at every
-process start.
+needs to know (task, input shape, output size). Data sets that fit in memory are `Tensors` (images as
+uint8) and train from the device (`DeviceLoader`: index slices, batched augmentation); files on disk
+(imagefolder) stream through a DataLoader (`StreamLoader`). Both give a rank the same samples per epoch
+(`epoch_order`). torchvision is imported only by the builders that read its formats (mnist, cifar10,
+imagefolder): importing it costs seconds at every process start.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from dtrain import world as w
-from dtrain.config import Config, DataConfig
+from dtrain.config import Config, DataConfig, DataPath
 from dtrain.errors import ConfigError, DataError
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "mnist_sample"
@@ -38,21 +39,8 @@ class Splits:
     class_names: Optional[list[str]] = None  # None: the class indices
 
 
-class ImageTensors(Dataset):
-    """uint8 images [N, C, H, W] with int labels, passed through a transform per sample."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
-        self.images, self.labels, self.transform = images, labels.long(), transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), self.labels[i]
-
-
 class ToFloat:
-    """uint8 CHW -> float in [0, 1], then (x - mean) / std per channel when normalising."""
+    """uint8 images (CHW or NCHW) -> float in [0, 1], then (x - mean) / std per channel when normalising."""
 
     def __init__(self, mean: Optional[list[float]], std: Optional[list[float]]):
         self.mean = torch.tensor(mean).view(-1, 1, 1) if mean is not None else None
@@ -62,32 +50,66 @@ class ToFloat:
         x = x.float().div_(255)
         return x if self.mean is None else x.sub_(self.mean).div_(self.std)
 
+    def to(self, device: torch.device) -> "ToFloat":
+        moved = ToFloat(None, None)
+        if self.mean is not None:
+            moved.mean, moved.std = self.mean.to(device), self.std.to(device)
+        return moved
+
 
 class CropFlip:
-    """Random crop of a zero-padded uint8 CHW image back to its size, then a horizontal flip half the time."""
+    """Per image of a uint8 batch [N, C, H, W]: a random crop of the zero-padded image back to its size,
+    mirrored half the time; one gather for the whole batch, on whatever device the batch is."""
 
     def __init__(self, padding: int = 4):
         self.padding = padding
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        p, (h, w) = self.padding, x.shape[-2:]
-        i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
-        x = torch.nn.functional.pad(x, (p, p, p, p))[..., i:i + h, j:j + w]
-        return x.flip(-1) if torch.rand(()) < 0.5 else x
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p, dev = self.padding, x.device
+        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=dev)
+        flip = torch.rand(n, generator=generator, device=dev) < 0.5
+        rows = offsets[0, :, None] + torch.arange(h, device=dev)  # [N, H] rows of the padded image
+        cols = offsets[1, :, None] + torch.arange(w, device=dev)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # a mirrored crop reads its columns backwards
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                      rows[:, None, :, None], cols[:, None, None, :]]
 
 
-class Compose:
-    def __init__(self, *steps: Callable):
-        self.steps = steps
+class Tensors(Dataset):
+    """A data set held as tensors: inputs `x` (uint8 images [N, C, H, W], or float features) and labels `y`.
+    Images are augmented (optional) and turned into normalised floats on the fly, one sample at a time for
+    a DataLoader or a whole batch of indices at once on the device (`batch`): the same steps either way."""
 
-    def __call__(self, x):
-        for step in self.steps:
-            x = step(x)
-        return x
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, to_float: Optional[ToFloat] = None,
+                 augment: Optional[CropFlip] = None):
+        self.x, self.y, self.to_float, self.augment = x, y, to_float, augment
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x, y = self.batch(slice(i, i + 1))
+        return x[0], y[0]
+
+    def batch(self, index, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[index]
+        if self.augment is not None:
+            x = self.augment(x, generator)
+        return (self.to_float(x) if self.to_float is not None else x), self.y[index]
+
+    def take(self, index) -> "Tensors":
+        return Tensors(self.x[index], self.y[index], self.to_float, self.augment)
+
+    def to(self, device: torch.device) -> "Tensors":
+        return Tensors(self.x.to(device), self.y.to(device),
+                       self.to_float.to(device) if self.to_float is not None else None, self.augment)
 
 
-def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int):
-    """(train, eval) transforms on uint8 CHW tensors. Mean/std default to the training images' own."""
+def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int) -> tuple[ToFloat, Optional[CropFlip]]:
+    """The normalisation and the training augmentation of uint8 images. Mean/std default to the training
+    images' own."""
     mean = std = None
     if cfg.normalize:
         if cfg.mean is not None or cfg.std is not None:
@@ -99,8 +121,7 @@ def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int):
             mean, std = [0.5] * channels, [0.5] * channels
         if len(mean) != channels or len(std) != channels:
             raise ConfigError(f"data.mean/data.std={mean}/{std} need {channels} value(s), one per channel")
-    to_float = ToFloat(mean, std)
-    return (Compose(CropFlip(4), to_float) if cfg.augment else to_float), to_float
+    return ToFloat(mean, std), (CropFlip(4) if cfg.augment else None)
 
 
 def _split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +135,10 @@ def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, c
                   class_names: Optional[list[str]] = None) -> Splits:
     """Splits from uint8 image tensors [N, C, H, W]; val is carved out of train."""
     tr, va = _split(len(train_y), cfg)
-    t_train, t_eval = _transforms(cfg, train_x[tr], train_x.shape[1])
-    test = ImageTensors(test_x, test_y, t_eval) if test_x is not None else None
-    return Splits(ImageTensors(train_x[tr], train_y[tr], t_train), ImageTensors(train_x[va], train_y[va], t_eval),
+    to_float, augment = _transforms(cfg, train_x[tr], train_x.shape[1])
+    train_y = train_y.long()
+    test = Tensors(test_x, test_y.long(), to_float) if test_x is not None else None
+    return Splits(Tensors(train_x[tr], train_y[tr], to_float, augment), Tensors(train_x[va], train_y[va], to_float),
                   test, "classification", tuple(train_x.shape[1:]), classes, class_names)
 
 
@@ -225,9 +247,10 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         raise ConfigError(f"data.root={cfg.root!r} has no train/ folder: put images in train/<class>/")
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
-    t_train, t_eval = _transforms(cfg, None, 3)
+    to_float, augment = _transforms(cfg, None, 3)
     resize = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size)), v2.ToDtype(torch.uint8)]
-    train_tf, eval_tf = v2.Compose(resize + [t_train]), v2.Compose(resize + [t_eval])
+    crop_flip = [lambda x: augment(x[None])[0]] if augment is not None else []
+    train_tf, eval_tf = v2.Compose(resize + crop_flip + [to_float]), v2.Compose(resize + [to_float])
 
     def folder(name: str, tf) -> Optional[ImageFolder]:
         return ImageFolder(str(root / name), transform=tf) if (root / name).is_dir() else None
@@ -274,8 +297,7 @@ def _tensor_splits(cfg: DataConfig, x, y, task: str, out: int) -> Splits:
     tr, va = _split(len(y), cfg)
     n_test = len(va)
     te, tr = tr[:n_test], tr[n_test:]
-    ds = torch.utils.data.TensorDataset
-    return Splits(ds(x[tr], y[tr]), ds(x[va], y[va]), ds(x[te], y[te]), task, tuple(x.shape[1:]), out)
+    return Splits(Tensors(x[tr], y[tr]), Tensors(x[va], y[va]), Tensors(x[te], y[te]), task, tuple(x.shape[1:]), out)
 
 
 DATASETS: dict[str, Callable[[DataConfig, w.World], Splits]] = {
@@ -294,29 +316,124 @@ def build(cfg: DataConfig, world: w.World) -> Splits:
 
 # -- samplers and loaders ---------------------------------------------------------------------------
 
-class TrainSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch (for exact mid-epoch resume).
+def epoch_order(n: int, world: w.World, seed: int, epoch: int, shuffle: bool, drop_last: bool) -> torch.Tensor:
+    """This rank's sample indices for an epoch, by DistributedSampler's rules: one permutation from
+    `seed + epoch` that every rank draws alike, trimmed (drop_last) or padded by repeating its start to a
+    multiple of the world size, then every world_size-th index from this rank's position."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    ranks = world.world_size
+    per_rank = math.ceil((n - ranks) / ranks) if drop_last and n % ranks else math.ceil(n / ranks)
+    total = per_rank * ranks
+    if total > n:
+        order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[:total - n]])
+    return order[world.rank:total:ranks]
 
-    With the global batch B split into B/world per rank, global batch i is the same set of samples
-    whatever the world size, so a saved position is re-sharded correctly on any world size.
-    """
 
-    def __init__(self, dataset, world: w.World, shuffle: bool, seed: int, drop_last: bool):
-        super().__init__(dataset, num_replicas=world.world_size, rank=world.rank, shuffle=shuffle,
-                         seed=seed, drop_last=drop_last)
-        self.skip = 0  # samples of this rank's shard to skip, this epoch only
+class TrainSampler(Sampler[int]):
+    """The DataLoader path's order (`epoch_order`), able to start part-way into an epoch (exact mid-epoch
+    resume). With the global batch B split into B/world per rank, global batch i is the same set of
+    samples whatever the world size, so a saved position is re-sharded correctly on any world size."""
+
+    def __init__(self, n: int, world: w.World, shuffle: bool, seed: int, drop_last: bool):
+        self.n, self.world, self.shuffle, self.seed, self.drop_last = n, world, shuffle, seed, drop_last
+        self.epoch, self.skip = 0, 0  # skip: samples of this rank's shard to skip, this epoch only
 
     def set_position(self, epoch: int, global_samples_done: int) -> None:
-        self.set_epoch(epoch)
-        self.skip = global_samples_done // self.num_replicas
+        self.epoch, self.skip = epoch, global_samples_done // self.world.world_size
+
+    def order(self) -> torch.Tensor:
+        return epoch_order(self.n, self.world, self.seed, self.epoch, self.shuffle, self.drop_last)[self.skip:]
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
-        self.skip = 0
-        return iter(indices)
+        order, self.skip = self.order(), 0
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return len(self.order())
+
+
+class StreamLoader(DataLoader):
+    """The DataLoader path, for data that does not live on the device (imagefolder): worker processes,
+    pinned memory and prefetching from data.* keys; `set_position` as DeviceLoader has it."""
+
+    def set_position(self, epoch: int, global_samples_done: int) -> None:
+        self.sampler.set_position(epoch, global_samples_done)
+
+
+class DeviceLoader:
+    """The fast path for data that fits in memory: the data set lives on the device as tensors (uint8
+    images stay uint8), each batch is an index slice of this rank's share of the epoch order (the same
+    samples as the DataLoader path), augmented and normalised as one batch, with no worker, no collate and
+    no host-to-device copy. Augmentation draws from a stream seeded by (seed, rank, epoch, batch), so a
+    resumed epoch sees the same crops."""
+
+    def __init__(self, data: Tensors, world: w.World, batch_size: int, *, train: bool, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False):
+        self.dataset, self.world, self.batch_size = data.to(world.device), world, batch_size
+        self.train, self.seed, self.shuffle, self.drop_last = train, seed, shuffle, drop_last
+        self.epoch, self.skip = 0, 0
+
+    def set_position(self, epoch: int, global_samples_done: int) -> None:
+        self.epoch, self.skip = epoch, global_samples_done // self.world.world_size
+
+    def order(self) -> torch.Tensor:
+        if not self.train:  # evaluation: rank r takes samples r, r + world, ..., each sample once
+            return torch.arange(self.world.rank, len(self.dataset), self.world.world_size)
+        return epoch_order(len(self.dataset), self.world, self.seed, self.epoch, self.shuffle,
+                           self.drop_last)[self.skip:]
+
+    def __len__(self) -> int:
+        n = len(self.order())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order, first = self.order().to(self.world.device), self.skip // self.batch_size
+        self.skip = 0
+        generator = torch.Generator(self.world.device) if self.dataset.augment is not None and self.train else None
+        for i in range(len(order) // self.batch_size if self.drop_last else math.ceil(len(order) / self.batch_size)):
+            if generator is not None:
+                generator.manual_seed(hash((self.seed, self.world.rank, self.epoch, first + i)) % 2**62)
+            yield self.dataset.batch(order[i * self.batch_size:(i + 1) * self.batch_size], generator)
+
+
+def on_device(ds: Dataset, cfg: DataConfig) -> bool:
+    """Which path a data set takes: data.loader=auto puts in-memory data sets on the device."""
+    if cfg.loader == DataPath.stream:
+        return False
+    if isinstance(ds, Tensors):
+        return True
+    if cfg.loader == DataPath.device:
+        raise ConfigError(f"data.loader=device needs a data set held in memory, but data={cfg.name} streams from "
+                          "files; use data.loader=auto or stream")
+    return False
+
+
+def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True):
+    per_rank = cfg.data.batch_size // world.world_size
+    sampler = TrainSampler(len(ds), world, shuffle, cfg.seed, cfg.data.drop_last)
+    if len(sampler) < per_rank and cfg.data.drop_last:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+                          f"({len(ds)} samples): no full batch fits; lower it or set data.drop_last=false")
+    if on_device(ds, cfg.data):
+        return DeviceLoader(ds, world, per_rank, train=True, seed=cfg.seed, shuffle=shuffle,
+                            drop_last=cfg.data.drop_last)
+    return StreamLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=cfg.data.drop_last,
+                        generator=torch.Generator().manual_seed(cfg.seed + world.rank), **_stream_options(cfg, world))
+
+
+def eval_loader(ds: Dataset, cfg: Config, world: w.World):
+    per_rank = cfg.data.eval_batch_size // world.world_size
+    if on_device(ds, cfg.data):
+        return DeviceLoader(ds, world, per_rank, train=False)
+    return StreamLoader(ds, batch_size=per_rank, sampler=ShardSampler(len(ds), world), **_stream_options(cfg, world))
+
+
+def _stream_options(cfg: Config, world: w.World) -> dict:
+    d, workers = cfg.data, cfg.data.num_workers
+    return {"num_workers": workers,
+            "pin_memory": world.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
+            "persistent_workers": d.persistent_workers and workers > 0,
+            "prefetch_factor": d.prefetch_factor if workers > 0 else None}
 
 
 class ShardSampler(Sampler[int]):
@@ -332,29 +449,11 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True) -> DataLoader:
-    sampler = TrainSampler(ds, world, shuffle, cfg.seed, cfg.data.drop_last)
-    per_rank = cfg.data.batch_size // world.world_size
-    if len(sampler) < per_rank and cfg.data.drop_last:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
-                          f"({len(ds)} samples): no full batch fits; lower it or set data.drop_last=false")
-    return DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=cfg.data.drop_last,
-                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                      pin_memory=world.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(cfg.seed + world.rank))
-
-
-def eval_loader(ds: Dataset, cfg: Config, world: w.World) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg.data.eval_batch_size // world.world_size,
-                      sampler=ShardSampler(len(ds), world), num_workers=cfg.data.num_workers,
-                      pin_memory=world.device.type == "cuda")
-
-
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
-    test: Optional[DataLoader]
+    train: DeviceLoader | StreamLoader
+    val: DeviceLoader | StreamLoader
+    test: Optional[DeviceLoader | StreamLoader]
 
 
 def loaders(splits: Splits, cfg: Config, world: w.World) -> Loaders:
@@ -362,7 +461,8 @@ def loaders(splits: Splits, cfg: Config, world: w.World) -> Loaders:
     batches (and has no test)."""
     train, val, test = splits.train, splits.val, splits.test
     if cfg.debug.overfit_batches:
-        train = val = Subset(train, range(min(len(train), cfg.debug.overfit_batches * cfg.data.batch_size)))
+        first = range(min(len(train), cfg.debug.overfit_batches * cfg.data.batch_size))
+        train = val = train.take(first) if isinstance(train, Tensors) else Subset(train, first)
         test = None
     return Loaders(train_loader(train, cfg, world, shuffle=not cfg.debug.overfit_batches),
                    eval_loader(val, cfg, world), eval_loader(test, cfg, world) if test is not None else None)

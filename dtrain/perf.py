@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dtrain.errors import ConfigError
+
 # The metrics that measure speed, not learning: they differ between two otherwise identical runs.
 TIMINGS = ("epoch_time_s", "wall_time_s", "samples_per_sec", "step_time_s", "flops_per_sec", "mfu")
 
@@ -74,3 +76,24 @@ def profiler(folder: Optional[Path], rank: int, device: torch.device):
     return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
                    on_trace_ready=tensorboard_trace_handler(str(folder), worker_name=f"rank{rank}"),
                    record_shapes=True)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (about 8x the fp32 rate on Ampere and
+    later, with a 10-bit mantissa), or full fp32."""
+    value = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # PyTorch >= 2.9; the old flags are deprecated
+        torch.backends.cuda.matmul.fp32_precision = value
+        torch.backends.cudnn.conv.fp32_precision = value
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
+def memory_format(channels_last: bool, shape: tuple[int, ...]) -> torch.memory_format:
+    """NHWC for trainer.channels_last=true (image data only), else whatever a tensor has."""
+    if not channels_last:
+        return torch.preserve_format
+    if len(shape) != 3:
+        raise ConfigError(f"trainer.channels_last=true needs image data (C x H x W), not shape {list(shape)}; "
+                          "set trainer.channels_last=false")
+    return torch.channels_last

@@ -117,6 +117,7 @@ def predict_samples(model: nn.Module, dataset, device: torch.device, n: int = 16
     model.eval()
     x, y = map(torch.stack, zip(*(map(torch.as_tensor, dataset[i]) for i in range(min(n, len(dataset))))))
     predicted = model(x.to(device)).float().argmax(1).cpu()
+    x, y = x.cpu(), y.cpu()
     model.train(was_training)
     lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
     hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -39,11 +40,19 @@ class Trainer:
         seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
         splits = self.splits = data.build(cfg.data, world)
         self.task = TASKS[splits.task]
+        self.input_format = perf.memory_format(tc.channels_last, splits.shape)
         self.model = models.build(cfg.model.name, splits.task, splits.shape, splits.out,
-                                  cfg.data.name).to(world.device)
-        self.net = w.wrap_model(self.model, world, cfg.model.sync_batchnorm)
+                                  cfg.data.name).to(world.device, memory_format=self.input_format)
+        dist = cfg.dist
+        self.net = w.wrap_model(self.model, world, cfg.model.sync_batchnorm, dict(
+            bucket_cap_mb=dist.bucket_cap_mb, gradient_as_bucket_view=dist.gradient_as_bucket_view,
+            static_graph=dist.static_graph, find_unused_parameters=dist.find_unused_parameters,
+            broadcast_buffers=dist.broadcast_buffers))
+        perf.set_tf32(tc.tf32)
         self.forward = torch.compile(self.net) if tc.compile else self.net
+        # fp16 only: its narrow range makes small gradients underflow unless the loss is scaled up first.
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=tc.precision == Precision.fp16)
+        self.sync_every = tc.sync_every_n_steps if world.distributed else 1  # a local check costs nothing
         seed_everything(cfg.seed + world.rank)  # ranks draw different augmentation/dropout noise
         self.loaders = data.loaders(splits, cfg, world)
 
@@ -118,7 +127,7 @@ class Trainer:
     def train_epoch(self, stop: StopSignal) -> dict:
         cfg, p, world = self.cfg, self.progress, self.world
         accum = cfg.trainer.accumulate_grad_batches
-        self.loaders.train.sampler.set_position(p.epoch, p.samples_in_epoch)
+        self.loaders.train.set_position(p.epoch, p.samples_in_epoch)
         if p.samples_in_epoch == 0:
             self.epoch_sums.zero_()
         done = p.samples_in_epoch // cfg.data.batch_size  # micro-batches already trained this epoch
@@ -127,7 +136,8 @@ class Trainer:
             if done >= self.steps_per_epoch * accum or self.finished:
                 break
             done += 1
-            x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+            x = x.to(world.device, non_blocking=True, memory_format=self.input_format)
+            y = y.to(world.device, non_blocking=True)
             boundary = done % accum == 0
             # Micro-steps skip DDP's gradient all-reduce; the step's last micro-batch syncs them all.
             with (self.net.no_sync() if world.distributed and not boundary else contextlib.nullcontext()):
@@ -146,15 +156,24 @@ class Trainer:
             p.samples_in_epoch = done * cfg.data.batch_size
             self.metrics.advance(p.step, p.epoch)
             self.profiler.step()
+            # The only host syncs of a step, and only every N steps: reading the loss, agreeing on a stop.
             if p.step % cfg.trainer.log_every_n_steps == 0:
-                self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss.item(),
-                                   "lr": self.scheduler.get_last_lr()[0]})
-            signum = w.max_over_ranks(stop.received or 0, world.device)
-            if signum:
-                raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+                self.log_step(loss.item())
+            if p.step % self.sync_every == 0:
+                signum = w.max_over_ranks(stop.received or 0, world.device)
+                if signum:
+                    raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
             if not self.finished and self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self, p.step)
         return {**self.task.reduce(self.epoch_sums), "complete": done >= self.steps_per_epoch * accum}
+
+    def log_step(self, loss: float) -> None:
+        p = self.progress
+        if not math.isfinite(loss):  # DDP averages gradients, so every rank's loss turns non-finite together
+            raise FloatingPointError(f"the training loss is {loss} at epoch {p.epoch} step {p.step} (rank "
+                                     f"{self.world.rank}); lower optim.lr, set trainer.grad_clip, or find the first "
+                                     "bad batch with debug=anomaly")
+        self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
 
     def optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip:

@@ -94,13 +94,19 @@ def test_the_global_batch_must_split_evenly_across_ranks():
         config.check_world(cfg, w.World(world_size=2))
 
 
-@pytest.mark.parametrize("device", ["cpu", "auto"])
-def test_fp16_is_refused_on_a_process_that_runs_on_the_cpu(device):
-    cfg = make_config("trainer.precision=fp16", f"trainer.device={device}")
-    if device == "auto" and torch.cuda.is_available():
-        pytest.skip("auto picks CUDA here")
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device and this process runs on cpu; use trainer.precision=bf16"):
-        config.check_world(cfg, w.from_env(device, env={}))
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_each_mixed_precision_this_pytorch_runs_on_the_cpu_is_accepted(precision):
+    cfg = make_config(f"trainer.precision={precision}", "trainer.device=cpu")
+    config.check_world(cfg, w.from_env("cpu", env={}))
+
+
+def test_a_precision_the_device_cannot_autocast_to_is_refused_naming_it(monkeypatch):
+    import contextlib
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # PyTorch's silent fallback
+    cfg = make_config("trainer.precision=fp16", "trainer.device=cpu")
+    with pytest.raises(ConfigError, match="trainer.precision='fp16' is not allowed: this PyTorch cannot autocast "
+                                          "to fp16 on cpu; use trainer.precision=fp32"):
+        config.check_world(cfg, w.from_env("cpu", env={}))
 
 
 def test_the_help_text_lists_the_values_of_enum_keys():

@@ -50,10 +50,10 @@ def test_bundled_mnist_sample_splits_9000_train_1000_val_the_same_way_every_time
     a, b = data.build(cfg, SINGLE), data.build(cfg, SINGLE)
     assert (len(a.train), len(a.val), a.test) == (9000, 1000, None)
     assert (a.shape, a.out, a.task) == ((1, 28, 28), 10, "classification")
-    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.val.labels, b.val.labels)
+    assert torch.equal(a.val.x, b.val.x) and torch.equal(a.val.y, b.val.y)
     x, y = a.train[0]
     assert x.dtype == torch.float32 and x.shape == (1, 28, 28) and 0 <= int(y) < 10
-    assert abs(float(a.train.transform(a.train.images[:512]).mean())) < 0.2  # normalised
+    assert abs(float(a.train.batch(slice(0, 512))[0].mean())) < 0.2  # normalised
 
 
 def test_full_mnist_loads_the_official_idx_files(tmp_path):
@@ -86,11 +86,10 @@ def test_cifar10_augmentation_crops_and_flips_training_images_only(tmp_path):
                       "data.verify_checksums=false").data
     splits = data.build(cfg, SINGLE)
     torch.manual_seed(0)
-    x = splits.train.images[0]
-    augmented = [splits.train.transform(x) for _ in range(8)]
+    augmented = [splits.train[0][0] for _ in range(8)]
     assert all(a.shape == (3, 32, 32) for a in augmented)
     assert any(not torch.equal(augmented[0], a) for a in augmented[1:])  # random crop/flip
-    assert torch.equal(splits.val.transform(x), splits.val.transform(x))  # evaluation is deterministic
+    assert torch.equal(splits.val[0][0], splits.val[0][0])  # evaluation is deterministic
 
 
 @pytest.mark.parametrize("name,files", [("mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")])
@@ -128,14 +127,14 @@ def test_synthetic_data_takes_any_shape_and_class_count():
     splits = data.build(cfg, SINGLE)
     assert splits.shape == (5,) and splits.out == 3
     assert len(splits.train) + len(splits.val) + len(splits.test) == 100
-    assert set(splits.train.tensors[1].tolist()) <= {0, 1, 2}
+    assert set(splits.train.y.tolist()) <= {0, 1, 2}
 
 
 def test_regression_data_follows_its_known_coefficients():
     cfg = make_config("data=regression", "data.noise=0").data
     splits = data.build(cfg, SINGLE)
     coef, bias = data.regression_truth(cfg)
-    x, y = splits.train.tensors
+    x, y = splits.train.x, splits.train.y
     assert torch.allclose(x @ coef + bias, y, atol=1e-5)
 
 
@@ -148,9 +147,7 @@ def ranks(n):
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(drop_last):
     ds = list(range(103))
-    samplers = [data.TrainSampler(ds, r, shuffle=True, seed=0, drop_last=drop_last) for r in ranks(4)]
-    for s in samplers:
-        s.set_epoch(0)
+    samplers = [data.TrainSampler(len(ds), r, shuffle=True, seed=0, drop_last=drop_last) for r in ranks(4)]
     shards = [list(s) for s in samplers]
     seen = [i for shard in shards for i in shard]
     if drop_last:  # 103 -> 25 per rank; the 3 left over are dropped, nothing is repeated
@@ -158,7 +155,7 @@ def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(dr
     else:  # padded with repeats so every rank has 26
         assert set(seen) == set(ds) and all(len(s) == 26 for s in shards)
     for s in samplers:
-        s.set_epoch(1)
+        s.set_position(1, 0)
     assert [list(s) for s in samplers] != shards
 
 
@@ -168,8 +165,8 @@ def test_global_batches_hold_the_same_samples_whatever_the_world_size():
     def batches(n):
         shards = []
         for r in ranks(n):
-            s = data.TrainSampler(ds, r, shuffle=True, seed=3, drop_last=True)
-            s.set_epoch(2)
+            s = data.TrainSampler(len(ds), r, shuffle=True, seed=3, drop_last=True)
+            s.set_position(2, 0)
             shards.append(list(s))
         per = global_batch // n
         return [sorted(i for shard in shards for i in shard[b * per:(b + 1) * per]) for b in range(64 // global_batch)]
@@ -179,10 +176,10 @@ def test_global_batches_hold_the_same_samples_whatever_the_world_size():
 
 def test_a_sampler_resumed_mid_epoch_continues_from_the_saved_global_position():
     ds = list(range(40))
-    full = data.TrainSampler(ds, SINGLE, shuffle=True, seed=0, drop_last=True)
-    full.set_epoch(1)
+    full = data.TrainSampler(len(ds), SINGLE, shuffle=True, seed=0, drop_last=True)
+    full.set_position(1, 0)
     order = list(full)
-    halves = [data.TrainSampler(ds, r, shuffle=True, seed=0, drop_last=True) for r in ranks(2)]
+    halves = [data.TrainSampler(len(ds), r, shuffle=True, seed=0, drop_last=True) for r in ranks(2)]
     for h in halves:
         h.set_position(1, 16)  # 16 global samples done, now on 2 ranks
     assert sorted(i for h in halves for i in h) == sorted(order[16:])
@@ -191,3 +188,71 @@ def test_a_sampler_resumed_mid_epoch_continues_from_the_saved_global_position():
 def test_evaluation_shards_count_every_sample_exactly_once():
     shards = [list(data.ShardSampler(10, r)) for r in ranks(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
+
+
+@pytest.mark.parametrize("n,world_size,drop_last,shuffle", [(103, 4, True, True), (103, 4, False, True),
+                                                            (10, 3, False, False), (2, 4, False, True),
+                                                            (64, 2, True, True)])
+def test_the_epoch_order_is_torchs_distributed_sampler_order(n, world_size, drop_last, shuffle):
+    from torch.utils.data import DistributedSampler
+    for world in ranks(world_size):
+        for epoch in (0, 3):
+            theirs = DistributedSampler(range(n), world_size, world.rank, shuffle=shuffle, seed=5, drop_last=drop_last)
+            theirs.set_epoch(epoch)
+            ours = data.epoch_order(n, world, seed=5, epoch=epoch, shuffle=shuffle, drop_last=drop_last)
+            assert ours.tolist() == list(theirs)
+
+
+def both_paths(*overrides):
+    """The device and the DataLoader path of the same config, for each of two ranks."""
+    cfg = make_config("data.batch_size=16", "data.eval_batch_size=10", "data.drop_last=false", *overrides)
+    ids = data.Tensors(torch.zeros(203, 1), torch.arange(203))  # each label names its sample
+    out = {}
+    for path in ("device", "stream"):
+        cfg.data.loader = data.DataPath(path)
+        out[path] = [(data.train_loader(ids, cfg, r), data.eval_loader(ids, cfg, r)) for r in ranks(2)]
+    return out
+
+
+def test_the_device_path_and_the_dataloader_path_give_each_rank_the_same_batches():
+    paths = both_paths()
+    assert isinstance(paths["device"][0][0], data.DeviceLoader)
+    assert isinstance(paths["stream"][0][0], data.StreamLoader)
+    for rank in range(2):
+        device, stream = paths["device"][rank], paths["stream"][rank]
+        for epoch, done in ((0, 0), (1, 0), (2, 48)):  # 48: resumed after 3 global batches
+            for loader in (device[0], stream[0]):
+                loader.set_position(epoch, done)
+            lengths = [len(device[0]), len(stream[0])]
+            batches = [[y.tolist() for _, y in loader] for loader in (device[0], stream[0])]
+            assert batches[0] == batches[1] and lengths == [len(batches[0])] * 2
+        assert [y.tolist() for _, y in device[1]] == [y.tolist() for _, y in stream[1]]
+    evaluated = sorted(i for rank in range(2) for _, y in paths["device"][rank][1] for i in y.tolist())
+    assert evaluated == list(range(len(paths["device"][0][1].dataset)))  # every sample once
+
+
+def test_auto_puts_in_memory_data_on_the_device_and_files_on_the_dataloader(tmp_path):
+    cfg = make_config()
+    assert isinstance(data.train_loader(data.build(cfg.data, SINGLE).train, cfg, SINGLE), data.DeviceLoader)
+    cfg = make_config("data=imagefolder", f"data.root={tmp_path}", "data.loader=device")
+    with pytest.raises(ConfigError, match="data.loader=device needs a data set held in memory"):
+        data.train_loader(torch.utils.data.TensorDataset(torch.zeros(100, 1)), cfg, SINGLE)
+
+
+def test_batched_crop_and_flip_cut_each_image_from_its_padded_self_and_a_resumed_epoch_repeats_them():
+    images = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8)
+    ds = data.Tensors(images, torch.arange(32), augment=data.CropFlip(2))
+    loader = data.DeviceLoader(ds, SINGLE, 8, train=True, seed=1)
+    loader.set_position(4, 0)
+    epoch = [(x, y) for x, y in loader]
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flips = 0
+    for x, y in epoch:
+        for image, i in zip(x, y.tolist()):
+            crops = {(a, b): padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)}
+            match = [f for c in crops.values() for f, view in ((0, c), (1, c.flip(-1))) if torch.equal(view, image)]
+            assert match, f"image {i} is no crop of its padded self"
+            flips += match[0]
+    assert 0 < flips < 32
+    loader.set_position(4, 16)  # resumed after two batches: the same crops for the same samples
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch[2:], loader))

@@ -29,7 +29,7 @@ def launch(tmp_path: Path, *overrides: str, fault: str = "", timeout: float = 24
     (["trainer.epochz=3"], "dtrain: error: Could not override 'trainer.epochz': Key 'epochz' not in 'TrainerConfig'"),
     (["model=nope"], "dtrain: error: In 'config': Could not find 'model/nope'"),
     (["data.batch_size=63"], "data.batch_size=63 is not allowed: the global batch must divide evenly by the world size 2"),
-    (["trainer.precision=fp16", "trainer.device=cpu"], "fp16 needs a CUDA device"),
+    (["trainer.sync_every_n_steps=0"], "trainer.sync_every_n_steps=0 is not allowed: must be > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(tmp_path, overrides, message):
     start = time.monotonic()
