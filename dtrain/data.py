@@ -93,11 +93,14 @@ class Tensors(Dataset):
         x, y = self.batch(slice(i, i + 1))
         return x[0], y[0]
 
-    def batch(self, index, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.x[index]
+    def batch(self, index: torch.Tensor | slice,
+              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # index_select: a tenth of the time of x[index] for a batch of images on the CPU
+        x, y = (self.x[index], self.y[index]) if isinstance(index, slice) else \
+            (self.x.index_select(0, index), self.y.index_select(0, index))
         if self.augment is not None:
             x = self.augment(x, generator)
-        return (self.to_float(x) if self.to_float is not None else x), self.y[index]
+        return (self.to_float(x) if self.to_float is not None else x), y
 
     def take(self, index) -> "Tensors":
         return Tensors(self.x[index], self.y[index], self.to_float, self.augment)

@@ -1,0 +1,116 @@
+"""Training throughput of dtrain against what a user would otherwise write or pick, same model, data,
+optimizer (Adam 1e-3) and global batch, measured in one run, interleaved (every contestant once per round,
+several rounds), each in its own process:
+
+    plain loop              benchmarks/plain.py: a hand-written loop over a preloaded, normalised tensor
+    tutorial loop           benchmarks/tutorial.py: torchvision data set + per-sample transforms + DataLoader
+    dtrain                  python -m dtrain (its device-resident data path)
+    Lightning               benchmarks/lightning_job.py (optional: pip install lightning)
+    ... DDP                 the same with 2 processes (torchrun; Lightning's own DDP launcher), gloo on CPU
+
+    python benchmarks/throughput.py [--models mlp3 lenet] [--epochs 3] [--rounds 3] [--batch 64]
+
+Training samples/s (global) of each run is the mean over its epochs after the first (warm-up); the table
+shows the median over rounds with min-max, the ratio to the plain loop of the same process count, and
+the final validation accuracy of the last round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dtrain.config import TrainerConfig
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def contestants(model: str, epochs: int, batch: int) -> list[tuple[str, int, list[str]]]:
+    """(name, processes, command); the dtrain commands get hydra.run.dir appended."""
+    script = ["--model", model, "--epochs", str(epochs), "--batch", str(batch)]
+    dtrain = ["-m", "dtrain", f"model={model}", f"trainer.epochs={epochs}", f"data.batch_size={batch}",
+              "checkpoint.enabled=false", "logger.plots=false"]
+    rows = [("plain loop", 1, [PY, str(HERE / "plain.py"), *script]),
+            ("tutorial loop", 1, [PY, str(HERE / "tutorial.py"), *script]),
+            ("dtrain", 1, [PY, *dtrain])]
+    lightning = importlib.util.find_spec("lightning") is not None
+    if lightning:
+        rows.append(("Lightning", 1, [PY, str(HERE / "lightning_job.py"), *script]))
+    rows += [("plain DDP script", 2, [*TORCHRUN, str(HERE / "plain.py"), *script]),
+             ("dtrain DDP", 2, [*TORCHRUN, *dtrain]),
+             ("dtrain DDP, stop flag synced every step", 2, [*TORCHRUN, *dtrain, "trainer.sync_every_n_steps=1"])]
+    if lightning:
+        rows.append(("Lightning DDP", 2, [PY, str(HERE / "lightning_job.py"), *script, "--devices", "2"]))
+    return rows
+
+
+def run_one(command: list[str]) -> dict:
+    """Run a contestant; its per-epoch samples/s and final validation accuracy."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE)}
+    with tempfile.TemporaryDirectory() as tmp:
+        is_dtrain = "dtrain" in command
+        if is_dtrain:
+            command = [*command, f"hydra.run.dir={tmp}/run"]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        if is_dtrain:
+            epochs = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+            summary = json.loads(Path(tmp, "run", "summary.json").read_text())
+            return {"samples_per_sec": [e["samples_per_sec"] for e in epochs], "val_acc": summary["val_acc"]}
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp3", "lenet"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    import torch
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; batch {args.batch}, "
+          f"{args.epochs} epochs (first discarded), {args.rounds} rounds\n")
+    for model in args.models:
+        rows = contestants(model, args.epochs, args.batch)
+        rates: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+        accuracy: dict[str, float] = {}
+        for r in range(args.rounds):
+            for name, _, command in (rows if r % 2 == 0 else rows[::-1]):  # alternate the order too
+                result = run_one(command)
+                rates[name].append(statistics.mean(result["samples_per_sec"][1:]))
+                accuracy[name] = result["val_acc"]
+        print(f"### {model} on the MNIST sample (9,000 train images)\n")
+        print("| contestant | processes | samples/s (median) | min–max | vs plain, same processes | val acc |")
+        print("|---|---|---|---|---|---|")
+        baseline = {1: statistics.median(rates["plain loop"]), 2: statistics.median(rates["plain DDP script"])}
+        for name, procs, _ in rows:
+            median = statistics.median(rates[name])
+            print(f"| {name} | {procs} | {median:,.0f} | {min(rates[name]):,.0f}–{max(rates[name]):,.0f} | "
+                  f"{median / baseline[procs]:.2f}× | {accuracy[name]:.3f} |")
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        lines = [f"dtrain / tutorial loop: {med['dtrain'] / med['tutorial loop']:.1f}×"]
+        if "Lightning" in med:
+            lines += [f"dtrain / Lightning: {med['dtrain'] / med['Lightning']:.2f}× (1 process), "
+                      f"{med['dtrain DDP'] / med['Lightning DDP']:.2f}× (2 processes)"]
+        lines.append(f"dtrain DDP, stop flag every {TrainerConfig.sync_every_n_steps} steps vs every step: "
+                     f"{med['dtrain DDP'] / med['dtrain DDP, stop flag synced every step']:.2f}×")
+        print("\n" + "; ".join(lines) + "\n")
+    print(f"total time: {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
