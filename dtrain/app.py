@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from dtrain import config, data, logs, models, optim
 from dtrain import world as w
 from dtrain.config import Config
-from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, Preempted
+from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Preempted
 
 
 def conf_dir() -> str:
@@ -99,3 +99,32 @@ def report(line: str, detail: str = "") -> None:
     print(line, file=sys.stderr, flush=True)
     if detail:
         print(detail, file=sys.stderr, flush=True)
+
+
+def key_value_main(doc: str, defaults: dict[str, Any], body: Callable[[dict[str, Any]], Any],
+                   argv: list[str] | None = None) -> int:
+    """A small command's entry (`python -m dtrain.predict ckpt=... input=...`): key=value arguments typed
+    by `defaults` (None: required), then `body(args)`; bad input is one line and exit 2."""
+    def parse() -> None:
+        args = dict(defaults)
+        for item in sys.argv[1:] if argv is None else argv:
+            if item in ("-h", "--help"):
+                print(doc)
+                return
+            key, sep, value = item.partition("=")
+            if not sep or key not in defaults:
+                raise ConfigError(f"{item!r}: expected key=value with a key among {', '.join(defaults)}")
+            kind = type(defaults[key]) if defaults[key] is not None else str
+            try:
+                args[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: not a {kind.__name__}") from None
+        missing = [k for k, v in args.items() if v is None]
+        if missing:
+            raise ConfigError(f"{', '.join(f'{k}=' for k in missing)} required (see --help)")
+        body(args)
+
+    try:
+        return exit_code(parse, w.World())
+    finally:
+        logs.close_console()

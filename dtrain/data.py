@@ -37,6 +37,19 @@ class Splits:
     shape: tuple[int, ...]  # one input's shape
     out: int  # classes, or regression targets
     class_names: Optional[list[str]] = None  # None: the class indices
+    to_float: Optional[ToFloat] = None  # images: uint8 pixels -> normalised floats (None: inputs are used as they are)
+    resize: Optional[int] = None  # images are resized to this square first (imagefolder)
+
+    def describe(self) -> dict:
+        """What a trained model needs to be used without the data set: its task, input shape, outputs,
+        class names and the exact preprocessing (saved in every checkpoint)."""
+        norm = self.to_float is not None and self.to_float.mean is not None
+        return {"task": self.task, "shape": list(self.shape), "out": self.out,
+                "classes": self.class_names or ([str(i) for i in range(self.out)] if self.task == "classification"
+                                                 else None),
+                "images": self.to_float is not None, "resize": self.resize,
+                "mean": self.to_float.mean.flatten().tolist() if norm else None,
+                "std": self.to_float.std.flatten().tolist() if norm else None}
 
 
 class ToFloat:
@@ -142,7 +155,7 @@ def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, c
     train_y = train_y.long()
     test = Tensors(test_x, test_y.long(), to_float) if test_x is not None else None
     return Splits(Tensors(train_x[tr], train_y[tr], to_float, augment), Tensors(train_x[va], train_y[va], to_float),
-                  test, "classification", tuple(train_x.shape[1:]), classes, class_names)
+                  test, "classification", tuple(train_x.shape[1:]), classes, class_names, to_float)
 
 
 def read_idx(path: Path, rank: int) -> torch.Tensor:
@@ -268,7 +281,8 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         val = Subset(ImageFolder(str(root / "train"), transform=eval_tf), va.tolist())
         train = Subset(train, tr.tolist())
     names = folder("train", None).classes
-    return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), len(names), names)
+    return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), len(names), names,
+                  to_float, cfg.image_size)
 
 
 def synthetic(cfg: DataConfig, world: w.World) -> Splits:

@@ -259,7 +259,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 **dataclasses.asdict(self.progress), "model_name": self.cfg.model.name,
-                "config": as_dict(self.cfg), "metrics": self.last_metrics, "logger": self.metrics.state_dict()}
+                "config": as_dict(self.cfg), "metrics": self.last_metrics, "logger": self.metrics.state_dict(),
+                "data": self.splits.describe()}
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         return {"epoch_sums": self.epoch_sums}
