@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import CHILD_ENV, ROOT, make_trainer, run_cli
 from dtrain import api, models
-from dtrain.errors import BadInput, CheckpointError, ConfigError
+from dtrain.errors import BadInput, ConfigError
 
 WORKLOADS = {  # model -> the data it trains on here
     "mlp": ("data=mnist_sample",), "mlp3": ("data=mnist_sample",), "lenet": ("data=mnist_sample",),
