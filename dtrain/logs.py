@@ -120,7 +120,8 @@ def report(summary: dict, paths: dict[str, str]) -> None:
     """The short human report at the end of a run (summary.json holds every number)."""
     s = summary
     precision = f", {s['precision']}" if s.get("precision") else ""
-    lines = [f"done in {_duration(s['wall_time_s'])}: {s['epochs']} epochs, {s['steps']} steps, "
+    lines = [f"done in {_duration(s['wall_time_s'])}: {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}, "
+             f"{s['steps']} steps, "
              f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''} on {s['device']}{precision}"]
     for split in ("train", "val", "test"):
         values = {k.removeprefix(f"{split}_"): v for k, v in s.items()
