@@ -58,15 +58,17 @@ class ToFloat:
     def __init__(self, mean: Optional[list[float]], std: Optional[list[float]]):
         self.mean = torch.tensor(mean).view(-1, 1, 1) if mean is not None else None
         self.std = torch.tensor(std).view(-1, 1, 1) if std is not None else None
+        # (x / 255 - mean) / std as one multiply and one add
+        self.scale = 1 / (255 * self.std) if std is not None else torch.tensor(1 / 255)
+        self.shift = -self.mean / self.std if mean is not None else torch.tensor(0.0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255)
-        return x if self.mean is None else x.sub_(self.mean).div_(self.std)
+        return x.float().mul_(self.scale).add_(self.shift)
 
     def to(self, device: torch.device) -> "ToFloat":
         moved = ToFloat(None, None)
-        if self.mean is not None:
-            moved.mean, moved.std = self.mean.to(device), self.std.to(device)
+        moved.mean, moved.std = [t.to(device) if t is not None else None for t in (self.mean, self.std)]
+        moved.scale, moved.shift = self.scale.to(device), self.shift.to(device)
         return moved
 
 

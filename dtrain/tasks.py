@@ -62,6 +62,32 @@ class Task:
                 **{name: v / n for name, v in zip(self.extras, values[2:])}}
 
 
+class EpochSums:
+    """A rank's running [loss sum, count, *extras] for an epoch, kept without host syncs and with few
+    device ops per step: each batch's mean loss and extras are held as they come and folded into the
+    float64 totals only when read (at the epoch's end, or for a checkpoint)."""
+
+    def __init__(self, task: Task, device: torch.device):
+        self.task, self.total = task, task.zeros(device)
+        self.pending: list[tuple[torch.Tensor, list[torch.Tensor], int]] = []
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.pending.append((loss.detach(), self.task.extra_sums(out.detach(), y), len(y)))
+
+    def value(self) -> torch.Tensor:
+        if self.pending:
+            losses, extras, counts = zip(*self.pending)
+            n = torch.tensor(counts, dtype=torch.float64, device=self.total.device)
+            self.total += torch.stack([(torch.stack(losses).double() * n).sum(), n.sum(),
+                                       *(torch.stack(e).double().sum() for e in zip(*extras))])
+            self.pending.clear()
+        return self.total
+
+    def reset(self, total: torch.Tensor | None = None) -> None:
+        self.pending.clear()
+        self.total.copy_(total) if total is not None else self.total.zero_()
+
+
 TASKS: dict[str, Task] = {
     "classification": Task(
         "classification",

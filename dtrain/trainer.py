@@ -22,7 +22,7 @@ from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, Preempt
 from dtrain.logs import Context, MetricLogger, log
 from dtrain.rundir import RunDir
 from dtrain.signals import StopSignal
-from dtrain.tasks import TASKS, autocast, evaluate, predict_samples
+from dtrain.tasks import TASKS, EpochSums, autocast, evaluate, predict_samples
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Trainer:
                                                self.steps_per_epoch)
         self.progress = Progress()
         self.last_metrics: Optional[dict] = None
-        self.epoch_sums = self.task.zeros(world.device)  # this rank's, kept across a mid-epoch resume
+        self.epoch_sums = EpochSums(self.task, world.device)  # this rank's, kept across a mid-epoch resume
         monitor = self.task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
         self.checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                          enabled=not dbg.limit_batches and not dbg.overfit_batches,
@@ -129,7 +129,7 @@ class Trainer:
         accum = cfg.trainer.accumulate_grad_batches
         self.loaders.train.set_position(p.epoch, p.samples_in_epoch)
         if p.samples_in_epoch == 0:
-            self.epoch_sums.zero_()
+            self.epoch_sums.reset()
         done = p.samples_in_epoch // cfg.data.batch_size  # micro-batches already trained this epoch
         self.net.train()
         for x, y in self.loaders.train:
@@ -148,8 +148,8 @@ class Trainer:
                     raise FloatingPointError(
                         f"non-finite loss {loss.item()} at epoch {p.epoch} step {p.step} batch {done - 1} "
                         f"(rank {world.rank}); debug=anomaly stopped here")
-                self.scaler.scale(loss / accum).backward()
-            self.epoch_sums += self.task.batch_sums(loss.detach(), out.detach(), y)
+                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+            self.epoch_sums.add(loss, out, y)
             if not boundary:
                 continue
             self.optimizer_step()
@@ -165,7 +165,7 @@ class Trainer:
                     raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
             if not self.finished and self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self, p.step)
-        return {**self.task.reduce(self.epoch_sums), "complete": done >= self.steps_per_epoch * accum}
+        return {**self.task.reduce(self.epoch_sums.value()), "complete": done >= self.steps_per_epoch * accum}
 
     def log_step(self, loss: float) -> None:
         p = self.progress
@@ -263,7 +263,7 @@ class Trainer:
                 "data": self.splits.describe()}
 
     def rank_state(self) -> dict[str, torch.Tensor]:
-        return {"epoch_sums": self.epoch_sums}
+        return {"epoch_sums": self.epoch_sums.value()}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -278,4 +278,4 @@ class Trainer:
         p.epoch, p.step, p.samples_in_epoch = state["epoch"], state["step"], state["samples_in_epoch"]
         self.last_metrics = state["metrics"]
         self.metrics.load_state_dict(state.get("logger") or {})
-        self.epoch_sums.copy_(state["rank"]["epoch_sums"])
+        self.epoch_sums.reset(state["rank"]["epoch_sums"])
