@@ -43,11 +43,8 @@ class Trainer:
         self.input_format = perf.memory_format(tc.channels_last, splits.shape)
         self.model = models.build(cfg.model.name, splits.task, splits.shape, splits.out,
                                   cfg.data.name).to(world.device, memory_format=self.input_format)
-        dist = cfg.dist
-        self.net = w.wrap_model(self.model, world, cfg.model.sync_batchnorm, dict(
-            bucket_cap_mb=dist.bucket_cap_mb, gradient_as_bucket_view=dist.gradient_as_bucket_view,
-            static_graph=dist.static_graph, find_unused_parameters=dist.find_unused_parameters,
-            broadcast_buffers=dist.broadcast_buffers))
+        ddp_options = {k: v for k, v in dataclasses.asdict(cfg.dist).items() if k not in ("backend", "timeout_s")}
+        self.net = w.wrap_model(self.model, world, cfg.model.sync_batchnorm, ddp_options)
         perf.set_tf32(tc.tf32)
         self.forward = torch.compile(self.net) if tc.compile else self.net
         # fp16 only: its narrow range makes small gradients underflow unless the loss is scaled up first.
@@ -76,8 +73,9 @@ class Trainer:
                                          monitor=monitor, higher_is_better=self.task.higher_is_better(monitor),
                                          seed=cfg.seed, config=as_dict(cfg),
                                          record_change=lambda line: run.write_text(run.config_changes, line, True))
-        self.metrics = MetricLogger(world, run, cfg.logger, Context(cfg.name, as_dict(cfg), tc.epochs,
-                                                                    self.total_steps, cfg.data.batch_size * tc.accumulate_grad_batches))
+        samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
+        self.metrics = MetricLogger(world, run, cfg.logger,
+                                    Context(cfg.name, as_dict(cfg), tc.epochs, self.total_steps, samples_per_step))
         self.flops_per_sample = perf.training_flops_per_sample(self.model, splits.shape, world.device)
         self.peak_flops = perf.peak_flops(world.device, tc.precision != Precision.fp32)
         self.profiler = perf.profiler(run.track(run.path / "profile") if tc.profile else None, world.rank,
