@@ -228,8 +228,9 @@ def test_a_signal_with_checkpointing_off_saves_nothing_and_promises_no_resume(tm
 @pytest.mark.slow
 def test_rank_0_names_the_signal_another_rank_received(tmp_path):
     run = run_cli(tmp_path / "run", *SMALL, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
-    assert "stopped by SIGUSR1 after step 23: checkpoint saved; exiting with 75" in run.out, run
-    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000023.pt"
+    # Ranks agree on a stop every trainer.sync_every_n_steps (10): the first agreement after step 23 is 30.
+    assert "stopped by SIGUSR1 after step 30: checkpoint saved; exiting with 75" in run.out, run
+    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000030.pt"
 
 
 # -- bad data files and a full disk ------------------------------------------------------------------
