@@ -446,8 +446,3 @@ class MetricLogger:
         for s in self.sinks:
             s.close()
 
-
-def read_metrics(folder: Path) -> list[dict]:
-    """A run folder's metrics.jsonl as a list of epochs."""
-    path = Path(folder) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dtrain import data, logs, models, optim, perf
+from dtrain import data, logs, models, optim, perf, plots
 from dtrain import world as w
 from dtrain.checkpoint import Checkpointer, seed_everything
 from dtrain.config import Config, Precision, as_dict
@@ -243,8 +243,7 @@ class Trainer:
     def outputs(self) -> dict[str, str]:
         """Where the run's results are, for the report."""
         found = {"run": str(self.run), "ckpt": str(self.checkpointer.folder) if self.checkpointer.folder.exists() else "",
-                 "plots": " ".join(p.name for p in map(self.run.path.joinpath, ("curves.png", "confusion.png",
-                                                                                 "samples.png")) if p.exists()),
+                 "plots": " ".join(name for name in plots.PLOTS if (self.run.path / name).exists()),
                  "tb": "tensorboard --logdir " + str(self.run.path / "tensorboard") if self.cfg.logger.tensorboard else ""}
         return {k: v for k, v in found.items() if v}
 
