@@ -147,6 +147,9 @@ def test_a_non_editable_install_runs_the_default_job_from_any_folder(tmp_path):
                           "--target", str(prefix), str(src)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-3000:]
     shutil.rmtree(src)  # nothing may still point at the source tree
+    shipped = prefix / "dtrain" / "conf"  # every config file, hydra/launcher/slurm.yaml included
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml")) == \
+        sorted(p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**CHILD_ENV, "PYTHONPATH": str(prefix)}
