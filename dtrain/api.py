@@ -100,7 +100,7 @@ def build_model(name: str, data_name: str = "mnist_sample", *overrides: str) -> 
     """A freshly initialised model `name` sized for `data_name` (its input shape and classes)."""
     cfg = make_config(f"model={name}", f"data={data_name}", *overrides)
     splits = data.build(cfg.data, w.World())
-    return models.build(cfg.model.name, splits.task, splits.shape, splits.out, cfg.data.name)
+    return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
 
 @dataclass
@@ -114,14 +114,17 @@ class Model:
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """A batch as the model was trained on it: image pixels (uint8 0..255, or floats 0..1) scaled and
-        normalised per channel; feature inputs unchanged."""
+        normalised per channel; table features standardised with the training split's mean and std."""
         x = torch.as_tensor(x).to(self.device)
-        if self.info["images"]:
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            if self.info["mean"] is not None:
-                x = (x - torch.tensor(self.info["mean"], device=self.device).view(-1, 1, 1)) / \
-                    torch.tensor(self.info["std"], device=self.device).view(-1, 1, 1)
-        return x.float()
+        images = self.info["images"]
+        if images and x.dtype == torch.uint8:
+            x = x / 255
+        x = x.float()
+        if self.info["mean"] is not None:
+            shape = (-1, 1, 1) if images else (-1,)  # per channel, or per feature
+            x = (x - torch.tensor(self.info["mean"], device=self.device).view(shape)) / \
+                torch.tensor(self.info["std"], device=self.device).view(shape)
+        return x
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +147,9 @@ def load_model(path: str | Path, device: str = "cpu") -> Model:
     state = ckpt.load(Path(path))
     cfg = checkpoint_config(state)
     info = state.get("data") or data.build(cfg.data, w.World()).describe()
-    net = models.build(cfg.model.name, info["task"], tuple(info["shape"]), info["out"], cfg.data.name)
+    net = models.build(cfg.model, info["task"], tuple(info["shape"]), info["out"], cfg.data.name)
     try:
-        net.load_state_dict(state["model"])
+        models.load_weights(net, cfg.model.name, state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit model={cfg.model.name} "
                               f"({str(e).splitlines()[0]})") from e
@@ -172,6 +175,10 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     from dtrain.tasks import TASKS, evaluate as run_evaluation
     world = world or w.World()
     state = ckpt.load(Path(path))
+    stored = state.get("data") or {}
+    if stored.get("mean") is not None and not {"mean", "std"} & set(sections.get("data", {})):
+        # the training split's statistics, also on other files (data.path=...) or a moved data set
+        sections["data"] = {**sections.get("data", {}), "mean": stored["mean"], "std": stored["std"]}
     cfg = checkpoint_config(state, **sections)
     splits = data.build(cfg.data, world)
     have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]

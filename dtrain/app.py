@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from dtrain import config, data, logs, models, optim
+from dtrain import augment, config, data, logs, models, optim
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Preempted
@@ -37,8 +37,8 @@ config.register()
 
 def make_config(dcfg: DictConfig) -> Config:
     """A composed DictConfig as the typed, validated Config, checked against the registries' names."""
-    return config.to_config(dcfg, {"model": models.MODELS, "data": data.DATASETS,
-                                   "optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES})
+    return config.to_config(dcfg, {"model": models.MODELS, "data": data.DATASETS, "optim": optim.OPTIMIZERS,
+                                   "sched": optim.SCHEDULES, "data.augment": augment.NAMES})
 
 
 def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) -> int:

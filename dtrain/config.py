@@ -13,6 +13,7 @@ import difflib
 import enum
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -52,12 +53,22 @@ class Monitor(str, enum.Enum):
     auto = "auto"  # the task's own: val_acc for classification, val_loss for regression
     val_acc = "val_acc"
     val_loss = "val_loss"
+    val_f1 = "val_f1"  # classification: macro F1
+    val_auc = "val_auc"  # classification: macro one-vs-rest AUC-ROC
+
+
+class TaskName(str, enum.Enum):  # what a CSV file's target column is (data=csv)
+    regression = "regression"
+    classification = "classification"
 
 
 @dataclass
 class ModelConfig:
     name: str = "mlp"
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    dropout: float = 0.0  # mlp, mlp3, lenet, convnet: dropout after each hidden fully connected layer
+    batchnorm: Optional[bool] = None  # convnet: BatchNorm after each convolution (None: the model's default, on)
+    init_from: Optional[str] = None  # a saved state_dict (or dtrain checkpoint) to start from instead of random weights
 
 
 @dataclass
@@ -76,11 +87,23 @@ class DataConfig:
     persistent_workers: bool = True  # stream path, with workers
     prefetch_factor: int = 2  # stream path, with workers: batches each worker loads ahead
     drop_last: bool = True  # False: pad the sampler and keep the short last batch
-    augment: bool = False  # random crop (padding 4) + horizontal flip, for 3-channel images
-    normalize: bool = True
-    mean: Optional[list[float]] = None  # per channel; None: the data set's own statistics
+    # Training images only, in order (data.AUGMENTATIONS): crop, flip, rotate, scale, jitter, or the presets
+    # cifar (crop, flip) and tutorial (rotate, scale, crop, flip); parameters below.
+    augment: list[str] = field(default_factory=list)
+    crop_padding: int = 4  # crop: a random crop of the zero-padded image, back to its size
+    rotate_degrees: float = 10.0  # rotate: a random angle in [-d, d]
+    scale_range: list[float] = field(default_factory=lambda: [0.9, 1.1])  # scale: a random zoom in [lo, hi]
+    jitter: float = 0.2  # jitter: brightness, contrast (and saturation of colour images) by a factor in [1-j, 1+j]
+    normalize: bool = True  # images: per channel; csv: per feature (standardised with the training split's statistics)
+    mean: Optional[list[float]] = None  # per channel (csv: per feature); None: the training split's own statistics
     std: Optional[list[float]] = None
     image_size: int = 32  # imagefolder: images are resized to this square
+    # csv: a table with a header row; `target` is the column to predict, the features are `features` or
+    # every other column
+    path: Optional[str] = None
+    target: Optional[str] = None
+    features: Optional[list[str]] = None
+    task: Optional[TaskName] = None  # csv only: regression or classification (its labels may be words)
     # synthetic / regression
     shape: list[int] = field(default_factory=lambda: [1, 28, 28])
     num_classes: int = 10
@@ -98,6 +121,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8
     alpha: float = 0.99  # rmsprop
+    lr_decay: float = 0.0  # adagrad
+    l1: float = 0.0  # L1 penalty: l1 * sum(|w|) over all parameters added to the loss (reported as l1_penalty)
 
 
 @dataclass
@@ -109,6 +134,12 @@ class SchedConfig:
     gamma: float = 0.1  # step: decay factor
     min_lr: float = 0.0  # cosine: floor
     pct_start: float = 0.3  # onecycle: share of the run spent rising to optim.lr
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # stop after this many validations without improvement of checkpoint.monitor; 0 = off
+    min_delta: float = 0.0  # an improvement must beat the best value by more than this
 
 
 @dataclass
@@ -127,6 +158,7 @@ class TrainerConfig:
     sync_every_n_steps: int = 10  # DDP: ranks agree on a stop signal every N optimizer steps (one tiny all-reduce)
     profile: bool = False  # torch.profiler trace of a few early steps, per rank, in <run>/profile/
     stop_grace_s: float = 20.0  # after SIGTERM/SIGUSR1, exit anyway if no clean stop came by then
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -217,7 +249,8 @@ def choices_help() -> str:
 
     def walk(schema: type, prefix: str) -> None:
         for f in dataclasses.fields(schema):
-            kind = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+            kind = f.type if isinstance(f.type, type) else globals().get(str(f.type).removeprefix(
+                "Optional[").removesuffix("]"))
             if isinstance(kind, type) and issubclass(kind, enum.Enum):
                 lines.append(f"  {prefix}{f.name}: {', '.join(kind.__members__)}")
             elif dataclasses.is_dataclass(kind):
@@ -284,8 +317,11 @@ def _non_negative(key: str, value: float) -> None:
 
 def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     """Check every value once, before anything is built. Raises ConfigError naming the key."""
-    for group, names in choices.items():
-        _one_of(group, getattr(cfg, group).name, sorted(names))
+    for key, names in choices.items():  # "model": model.name; "data.augment": each name in the list
+        section, _, attr = key.partition(".")
+        value = getattr(getattr(cfg, section), attr or "name")
+        for one in value if isinstance(value, list) else [value]:
+            _one_of(key, one, sorted(names))
 
     _positive("optim.lr", cfg.optim.lr)
     _positive("data.batch_size", cfg.data.batch_size)
@@ -307,9 +343,22 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
                 "trainer.label_smoothing", "data.num_workers", "data.noise", "sched.warmup_steps",
                 "sched.min_lr", "checkpoint.every_n_epochs", "checkpoint.every_n_steps",
                 "debug.limit_batches", "debug.overfit_batches", "launcher.nproc_per_node", "launcher.nnodes",
-                "launcher.max_restarts"):
+                "launcher.max_restarts", "optim.l1", "optim.lr_decay", "data.crop_padding", "data.rotate_degrees",
+                "data.jitter"):
         section, name = key.split(".")
         _non_negative(key, getattr(getattr(cfg, section), name))
+    for key in ("patience", "min_delta"):
+        _non_negative(f"trainer.early_stopping.{key}", getattr(cfg.trainer.early_stopping, key))
+    if not 0 <= cfg.model.dropout < 1:
+        _fail("model.dropout", cfg.model.dropout, "must be in [0, 1)")
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).expanduser().is_file():
+        _fail("model.init_from", cfg.model.init_from, "no such file; give the path of a saved state_dict")
+    lo_hi = cfg.data.scale_range
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        _fail("data.scale_range", lo_hi, "two numbers 0 < lo <= hi, e.g. [0.9, 1.1]")
+    if cfg.data.jitter >= 1:
+        _fail("data.jitter", cfg.data.jitter, "must be in [0, 1)")
+    _check_csv(cfg.data)
     if not 0 <= cfg.trainer.label_smoothing < 1:
         _fail("trainer.label_smoothing", cfg.trainer.label_smoothing, "must be in [0, 1)")
     if not 0 < cfg.data.val_fraction < 1:
@@ -339,6 +388,23 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
         _fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         _fail("resume", cfg.resume, "auto, last, none or the path of a checkpoint file")
+
+
+def _check_csv(cfg: DataConfig) -> None:
+    """data=csv needs a file and a target column; data.task only means something for it."""
+    if cfg.name != "csv":
+        if cfg.task is not None:
+            _fail("data.task", cfg.task.value, f"data={cfg.name} decides its own task; data.task is for data=csv")
+        return
+    if not cfg.path:
+        _fail("data.path", cfg.path, "data=csv needs the path of a CSV file with a header row")
+    if not cfg.target:
+        _fail("data.target", cfg.target, "data=csv needs the name of the column to predict")
+    if cfg.task is None:
+        _fail("data.task", None, "data=csv needs regression or classification")
+    if cfg.features is not None and (not cfg.features or cfg.target in cfg.features):
+        _fail("data.features", cfg.features, "the feature columns: a non-empty list without data.target "
+              "(null: every column but the target)")
 
 
 def check_world(cfg: Config, world: world_env.World) -> None:

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from dtrain import augment
 from dtrain import world as w
+from dtrain.augment import Augment
 from dtrain.config import Config, DataConfig, DataPath
 from dtrain.errors import ConfigError, DataError
 
@@ -39,17 +41,25 @@ class Splits:
     class_names: Optional[list[str]] = None  # None: the class indices
     to_float: Optional[ToFloat] = None  # images: uint8 pixels -> normalised floats (None: inputs are used as they are)
     resize: Optional[int] = None  # images are resized to this square first (imagefolder)
+    # Tables (csv): the feature columns in input order, the target column, and the (mean, std) per feature the
+    # inputs were standardised with (None: not standardised)
+    features: Optional[list[str]] = None
+    target: Optional[str] = None
+    scaler: Optional[tuple[list[float], list[float]]] = None
 
     def describe(self) -> dict:
         """What a trained model needs to be used without the data set: its task, input shape, outputs,
         class names and the exact preprocessing (saved in every checkpoint)."""
-        norm = self.to_float is not None and self.to_float.mean is not None
+        mean = std = None
+        if self.to_float is not None and self.to_float.mean is not None:
+            mean, std = self.to_float.mean.flatten().tolist(), self.to_float.std.flatten().tolist()
+        elif self.scaler is not None:
+            mean, std = self.scaler
         return {"task": self.task, "shape": list(self.shape), "out": self.out,
                 "classes": self.class_names or ([str(i) for i in range(self.out)] if self.task == "classification"
                                                  else None),
-                "images": self.to_float is not None, "resize": self.resize,
-                "mean": self.to_float.mean.flatten().tolist() if norm else None,
-                "std": self.to_float.std.flatten().tolist() if norm else None}
+                "images": self.to_float is not None, "resize": self.resize, "mean": mean, "std": std,
+                "features": self.features, "target": self.target}
 
 
 class ToFloat:
@@ -72,33 +82,13 @@ class ToFloat:
         return moved
 
 
-class CropFlip:
-    """Per image of a uint8 batch [N, C, H, W]: a random crop of the zero-padded image back to its size,
-    mirrored half the time; one gather for the whole batch, on whatever device the batch is."""
-
-    def __init__(self, padding: int = 4):
-        self.padding = padding
-
-    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        n, c, h, w = x.shape
-        p, dev = self.padding, x.device
-        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=dev)
-        flip = torch.rand(n, generator=generator, device=dev) < 0.5
-        rows = offsets[0, :, None] + torch.arange(h, device=dev)  # [N, H] rows of the padded image
-        cols = offsets[1, :, None] + torch.arange(w, device=dev)
-        cols = torch.where(flip[:, None], cols.flip(1), cols)  # a mirrored crop reads its columns backwards
-        padded = torch.nn.functional.pad(x, (p, p, p, p))
-        return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                      rows[:, None, :, None], cols[:, None, None, :]]
-
-
 class Tensors(Dataset):
     """A data set held as tensors: inputs `x` (uint8 images [N, C, H, W], or float features) and labels `y`.
     Images are augmented (optional) and turned into normalised floats on the fly, one sample at a time for
     a DataLoader or a whole batch of indices at once on the device (`batch`): the same steps either way."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, to_float: Optional[ToFloat] = None,
-                 augment: Optional[CropFlip] = None):
+                 augment: Optional[Augment] = None):
         self.x, self.y, self.to_float, self.augment = x, y, to_float, augment
 
     def __len__(self) -> int:
@@ -125,7 +115,7 @@ class Tensors(Dataset):
                        self.to_float.to(device) if self.to_float is not None else None, self.augment)
 
 
-def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int) -> tuple[ToFloat, Optional[CropFlip]]:
+def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int) -> tuple[ToFloat, Optional[Augment]]:
     """The normalisation and the training augmentation of uint8 images. Mean/std default to the training
     images' own."""
     mean = std = None
@@ -139,7 +129,7 @@ def _transforms(cfg: DataConfig, images: torch.Tensor | None, channels: int) -> 
             mean, std = [0.5] * channels, [0.5] * channels
         if len(mean) != channels or len(std) != channels:
             raise ConfigError(f"data.mean/data.std={mean}/{std} need {channels} value(s), one per channel")
-    return ToFloat(mean, std), (CropFlip(4) if cfg.augment else None)
+    return ToFloat(mean, std), augment.build(cfg)
 
 
 def _split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +143,10 @@ def _image_splits(cfg: DataConfig, train_x, train_y, test_x=None, test_y=None, c
                   class_names: Optional[list[str]] = None) -> Splits:
     """Splits from uint8 image tensors [N, C, H, W]; val is carved out of train."""
     tr, va = _split(len(train_y), cfg)
-    to_float, augment = _transforms(cfg, train_x[tr], train_x.shape[1])
+    to_float, augmented = _transforms(cfg, train_x[tr], train_x.shape[1])
     train_y = train_y.long()
     test = Tensors(test_x, test_y.long(), to_float) if test_x is not None else None
-    return Splits(Tensors(train_x[tr], train_y[tr], to_float, augment), Tensors(train_x[va], train_y[va], to_float),
+    return Splits(Tensors(train_x[tr], train_y[tr], to_float, augmented), Tensors(train_x[va], train_y[va], to_float),
                   test, "classification", tuple(train_x.shape[1:]), classes, class_names, to_float)
 
 
@@ -265,10 +255,10 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         raise ConfigError(f"data.root={cfg.root!r} has no train/ folder: put images in train/<class>/")
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
-    to_float, augment = _transforms(cfg, None, 3)
+    to_float, augmented = _transforms(cfg, None, 3)
     resize = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size)), v2.ToDtype(torch.uint8)]
-    crop_flip = [lambda x: augment(x[None])[0]] if augment is not None else []
-    train_tf, eval_tf = v2.Compose(resize + crop_flip + [to_float]), v2.Compose(resize + [to_float])
+    one = [lambda x: augmented(x[None])[0]] if augmented is not None else []  # a batch of one image
+    train_tf, eval_tf = v2.Compose(resize + one + [to_float]), v2.Compose(resize + [to_float])
 
     def folder(name: str, tf) -> Optional[ImageFolder]:
         return ImageFolder(str(root / name), transform=tf) if (root / name).is_dir() else None
@@ -311,12 +301,112 @@ def regression_truth(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(math.prod(cfg.shape), 1, generator=g), torch.randn(1, generator=g)
 
 
-def _tensor_splits(cfg: DataConfig, x, y, task: str, out: int) -> Splits:
-    """Train/val/test as 80/10/10 (val set by data.val_fraction; test the same size)."""
+def _tensor_splits(cfg: DataConfig, x, y, task: str, out: int, standardize: bool = False, **described) -> Splits:
+    """Train/val/test as 80/10/10 (val set by data.val_fraction; test the same size). With `standardize`,
+    every split is standardised with the training split's mean and std per feature (or data.mean/data.std),
+    as scikit-learn's StandardScaler does: population std, and 1 for a constant feature."""
+    if cfg.augment:
+        raise ConfigError(f"data.augment={list(cfg.augment)} transforms images, but data={cfg.name} holds feature "
+                          "vectors; set data.augment=[]")
     tr, va = _split(len(y), cfg)
     n_test = len(va)
     te, tr = tr[:n_test], tr[n_test:]
-    return Splits(Tensors(x[tr], y[tr]), Tensors(x[va], y[va]), Tensors(x[te], y[te]), task, tuple(x.shape[1:]), out)
+    scaler = None
+    if standardize:
+        if cfg.mean is not None or cfg.std is not None:
+            mean = torch.tensor(cfg.mean or [0.0] * x.shape[1])
+            std = torch.tensor(cfg.std or [1.0] * x.shape[1])
+            if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+                raise ConfigError(f"data.mean/data.std={cfg.mean}/{cfg.std} need {x.shape[1]} values, one per feature")
+        else:
+            mean, std = x[tr].mean(0), x[tr].std(0, unbiased=False)
+            std = torch.where(std > 0, std, torch.ones_like(std))
+        x = (x - mean) / std
+        scaler = (mean.tolist(), std.tolist())
+    return Splits(Tensors(x[tr], y[tr]), Tensors(x[va], y[va]), Tensors(x[te], y[te]), task, tuple(x.shape[1:]), out,
+                  scaler=scaler, **described)
+
+
+def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """A CSV file's header (column names) and rows of cells; the delimiter (, ; or tab) is read off the
+    header. A missing or empty file, a file without rows, or a row of the wrong length is a DataError."""
+    import csv
+    if not path.is_file():
+        raise DataError(f"data.path={str(path)!r} does not exist: give a CSV file whose first line names the columns")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first name
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable text file ({e}); give a CSV file") from e
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path} is empty; a CSV file needs a header row naming the columns and one row per sample")
+    try:
+        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+    except csv.Error:  # one column: nothing to sniff
+        dialect = csv.excel
+    table = [row for row in csv.reader(lines, dialect) if any(cell.strip() for cell in row)]
+    header, rows = [name.strip() for name in table[0]], table[1:]
+    if all(_is_number(name) for name in header):
+        raise DataError(f"{path} has no header row (its first line is numbers); add a first line naming the columns")
+    if len(set(header)) != len(header):
+        raise DataError(f"{path} names a column twice ({', '.join(sorted({n for n in header if header.count(n) > 1}))})")
+    if not rows:
+        raise DataError(f"{path} has a header but no rows of data")
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise DataError(f"{path}: data row {i + 1} has {len(row)} cells but the header names {len(header)} columns")
+    return header, rows
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        return math.isfinite(float(cell))
+    except ValueError:
+        return False
+
+
+def table_columns(path: Path, header: list[str], rows: list[list[str]], names: list[str]) -> torch.Tensor:
+    """The columns `names` as a float tensor [rows, len(names)]; an empty or non-numeric cell is a DataError
+    naming its row and column."""
+    index = [header.index(n) for n in names]
+    out = np.empty((len(rows), len(names)), dtype=np.float64)
+    for i, row in enumerate(rows):
+        for j, k in enumerate(index):
+            cell = row[k].strip()
+            if not _is_number(cell):
+                what = "is empty" if not cell else f"holds {cell[:40]!r}, not a finite number"
+                raise DataError(f"{path}: data row {i + 1}, column {names[j]!r} {what}; feature and regression "
+                                "target columns must be numbers (fill or drop missing values)")
+            out[i, j] = float(cell)
+    return torch.from_numpy(out).float()
+
+
+def csv_table(cfg: DataConfig, world: w.World) -> Splits:
+    """A table from data.path: data.target is predicted from data.features (or every other column), as
+    regression or classification (data.task; class labels may be any text); features standardised."""
+    path = Path(cfg.path).expanduser()
+    header, rows = read_table(path)
+    features = list(cfg.features) if cfg.features is not None else [c for c in header if c != cfg.target]
+    missing = [c for c in [cfg.target, *features] if c not in header]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (data.target, data.features); "
+                        f"its columns are {', '.join(header)}")
+    if not features:
+        raise DataError(f"{path} has no column besides data.target={cfg.target!r} to learn from")
+    x = table_columns(path, header, rows, features)
+    if cfg.task.value == "regression":
+        y, out, classes = table_columns(path, header, rows, [cfg.target]), 1, None
+    else:
+        labels = [row[header.index(cfg.target)].strip() for row in rows]
+        classes = sorted(set(labels), key=lambda v: (float(v), v) if all(map(_is_number, set(labels))) else (0, v))
+        if len(classes) < 2:
+            raise DataError(f"{path}: column {cfg.target!r} holds one class ({classes[0]!r}); classification needs two or more")
+        code = {c: i for i, c in enumerate(classes)}
+        y, out = torch.tensor([code[v] for v in labels]), len(classes)
+    if len(rows) < 3:
+        raise DataError(f"{path} has {len(rows)} row(s): too few for training, validation and test splits")
+    return _tensor_splits(cfg, x, y, cfg.task.value, out, standardize=cfg.normalize, class_names=classes,
+                          features=features, target=cfg.target)
 
 
 DATASETS: dict[str, Callable[[DataConfig, w.World], Splits]] = {
@@ -326,6 +416,7 @@ DATASETS: dict[str, Callable[[DataConfig, w.World], Splits]] = {
     "imagefolder": imagefolder,
     "synthetic": synthetic,
     "regression": regression,
+    "csv": csv_table,
 }
 
 

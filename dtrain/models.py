@@ -1,46 +1,109 @@
-"""The workloads, registered by name. Each builder takes the input shape and output size of the data."""
+"""The workloads, registered by name. Each builder takes the input shape and output size of the data.
+
+The layers carry the names of the PyTorch tutorials' classes (`fc1`, `conv1`, `linear`, ...), so a
+state_dict saved by dtrain loads with strict=True into the tutorial's own class and the other way round
+(`model.init_from`); parameter-free layers (ReLU, pooling, dropout) add no keys, so options such as
+`model.dropout` leave the names alone.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 
 
-def mlp(shape: tuple[int, ...], out: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 128), nn.ReLU(), nn.Linear(128, out))
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p else nn.Identity()
 
 
-def mlp3(shape: tuple[int, ...], out: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 128), nn.ReLU(),
-                         nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, out))
+class MLP(nn.Module):
+    """fc1 -> ReLU -> ... -> fcN on flattened inputs: `mlp` is the MNIST SimpleNet (784->128->10), `mlp3`
+    the 3-layer Net (784->128->64->10). Dropout follows every hidden ReLU."""
+
+    def __init__(self, inputs: int, hidden: tuple[int, ...], out: int, dropout: float = 0.0):
+        super().__init__()
+        sizes = (inputs, *hidden, out)
+        self.depth = len(sizes) - 1
+        for i in range(self.depth):
+            self.add_module(f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1]))
+        self.dropout = _dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for i in range(1, self.depth):
+            x = self.dropout(F.relu(getattr(self, f"fc{i}")(x)))
+        return getattr(self, f"fc{self.depth}")(x)
 
 
-def _flat_size(features: nn.Module, shape: tuple[int, ...]) -> int:
+def _flat_size(features: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> int:
     with torch.no_grad():
         return features(torch.zeros(1, *shape)).numel()
 
 
-def lenet(shape: tuple[int, ...], out: int) -> nn.Module:
-    features = nn.Sequential(
-        nn.Conv2d(shape[0], 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-    )
-    return nn.Sequential(features, nn.Linear(_flat_size(features, shape), 120), nn.ReLU(),
-                         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, out))
+class LeNet(nn.Module):
+    """The CIFAR-10 tutorial's `Net` (LeNet-5): conv1 C->6 k5, pool 2, conv2 6->16 k5, pool 2, fc1 ->120,
+    fc2 120->84, fc3 84->classes. fc1's input follows the image size (400 for 32x32, 256 for 28x28)."""
+
+    def __init__(self, shape: tuple[int, ...], out: int, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(shape[0], 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(_flat_size(self.features, shape), 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, out)
+        self.dropout = _dropout(dropout)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        return self.pool(F.relu(self.conv2(x))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.relu(self.fc1(self.features(x))))
+        x = self.dropout(F.relu(self.fc2(x)))
+        return self.fc3(x)
 
 
-def convnet(shape: tuple[int, ...], out: int) -> nn.Module:
-    features = nn.Sequential(
-        nn.Conv2d(shape[0], 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-    )
-    return nn.Sequential(features, nn.Linear(_flat_size(features, shape), 256), nn.ReLU(),
-                         nn.Linear(256, out))
+class ConvNet(nn.Module):
+    """The CIFAR-10 tutorial's `CNN`: conv1 C->64 k3 p1, pool, conv2 64->128 k3 p1, pool, fc1 ->256, fc2
+    256->classes; with `batchnorm` (dtrain's default) a BatchNorm (bn1, bn2) after each convolution."""
+
+    def __init__(self, shape: tuple[int, ...], out: int, dropout: float = 0.0, batchnorm: bool = True):
+        super().__init__()
+        norm = nn.BatchNorm2d if batchnorm else (lambda channels: nn.Identity())
+        self.conv1, self.bn1 = nn.Conv2d(shape[0], 64, 3, padding=1), norm(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 128, 3, padding=1), norm(128)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(_flat_size(self.features, shape), 256)
+        self.fc2 = nn.Linear(256, out)
+        self.dropout = _dropout(dropout)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        return self.pool(F.relu(self.bn2(self.conv2(x)))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(self.features(x)))))
+
+
+class Linear(nn.Module):
+    """The regression tutorial's `LinearModel`: one `linear` layer on the (flattened) features."""
+
+    def __init__(self, inputs: int, out: int):
+        super().__init__()
+        self.linear = nn.Linear(inputs, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
 
 
 def resnet18(shape: tuple[int, ...], out: int) -> nn.Module:
@@ -52,33 +115,109 @@ def resnet18(shape: tuple[int, ...], out: int) -> nn.Module:
     return net
 
 
-def linear(shape: tuple[int, ...], out: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), out))
+@dataclass(frozen=True)
+class Spec:
+    builder: Callable[..., nn.Module]  # (shape, out, **options) -> model
+    task: str  # the task it solves
+    rank: int | None = None  # the input rank it needs: None = any, 3 = C x H x W images
+    options: tuple[str, ...] = ()  # the model.* options it takes beyond its name
+    # Layer names of dtrain before the tutorial names (nn.Sequential indices): old checkpoints still load.
+    legacy: Mapping[str, str] | None = None
 
 
-# name -> (builder, task it solves, input rank it needs: None = any, 3 = C x H x W images)
-MODELS: dict[str, tuple[Callable[[tuple[int, ...], int], nn.Module], str, int | None]] = {
-    "mlp": (mlp, "classification", None),
-    "mlp3": (mlp3, "classification", None),
-    "lenet": (lenet, "classification", 3),
-    "convnet": (convnet, "classification", 3),
-    "resnet18": (resnet18, "classification", 3),
-    "linear": (linear, "regression", None),
+MODELS: dict[str, Spec] = {
+    "mlp": Spec(lambda shape, out, **o: MLP(math.prod(shape), (128,), out, **o), "classification",
+                options=("dropout",), legacy={"1.": "fc1.", "3.": "fc2."}),
+    "mlp3": Spec(lambda shape, out, **o: MLP(math.prod(shape), (128, 64), out, **o), "classification",
+                 options=("dropout",), legacy={"1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
+    "lenet": Spec(LeNet, "classification", 3, ("dropout",),
+                  {"0.0.": "conv1.", "0.3.": "conv2.", "1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
+    "convnet": Spec(ConvNet, "classification", 3, ("dropout", "batchnorm"),
+                    {"0.0.": "conv1.", "0.1.": "bn1.", "0.4.": "conv2.", "0.5.": "bn2.", "1.": "fc1.", "3.": "fc2."}),
+    "resnet18": Spec(resnet18, "classification", 3),
+    "linear": Spec(lambda shape, out: Linear(math.prod(shape), out), "regression", legacy={"1.": "linear."}),
 }
 
 
-def build(name: str, task: str, shape: tuple[int, ...], out: int, data_name: str) -> nn.Module:
-    """The model `name` for data of `shape` with `out` outputs; ConfigError if they cannot pair."""
-    builder, model_task, rank = MODELS[name]
-    pairs = sorted(n for n, (_, t, _) in MODELS.items() if t == task)
-    if model_task != task:
-        raise ConfigError(f"model={name} solves {model_task} but data={data_name} is a {task} task; "
+def _options(cfg: ModelConfig, spec: Spec) -> dict:
+    """The model.* options `cfg` sets; one the model does not take is a ConfigError, never ignored."""
+    given = {"dropout": cfg.dropout} if cfg.dropout else {}
+    if cfg.batchnorm is not None:
+        given["batchnorm"] = cfg.batchnorm
+    for key in given:
+        if key not in spec.options:
+            takers = sorted(n for n, s in MODELS.items() if key in s.options)
+            raise ConfigError(f"model.{key}={given[key]!r} is not an option of model={cfg.name}; "
+                              f"models that take it: {', '.join(takers)}")
+    return given
+
+
+def build(cfg: ModelConfig, task: str, shape: tuple[int, ...], out: int, data_name: str) -> nn.Module:
+    """The model `cfg.name` for data of `shape` with `out` outputs; ConfigError if they cannot pair."""
+    spec = MODELS[cfg.name]
+    pairs = sorted(n for n, s in MODELS.items() if s.task == task)
+    if spec.task != task:
+        raise ConfigError(f"model={cfg.name} solves {spec.task} but data={data_name} is a {task} task; "
                           f"use one of model={', '.join(pairs)}")
-    if rank is not None and len(shape) != rank:
-        raise ConfigError(f"model={name} needs C x H x W images but data={data_name} gives shape "
+    if spec.rank is not None and len(shape) != spec.rank:
+        raise ConfigError(f"model={cfg.name} needs C x H x W images but data={data_name} gives shape "
                           f"{list(shape)}; use model=mlp or data with images")
+    options = _options(cfg, spec)
     try:
-        return builder(tuple(shape), out)
+        return spec.builder(tuple(shape), out, **options)
     except RuntimeError as e:  # e.g. images too small for LeNet's two 5x5 convolutions
-        raise ConfigError(f"model={name} cannot take data={data_name} of shape {list(shape)}: "
+        raise ConfigError(f"model={cfg.name} cannot take data={data_name} of shape {list(shape)}: "
                           f"{str(e).splitlines()[0]}") from e
+
+
+def upgrade(name: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict with dtrain's earlier layer names (before the tutorial names) renamed; others unchanged."""
+    legacy = MODELS[name].legacy if name in MODELS else None
+    if not legacy or not any(k[:1].isdigit() for k in state):
+        return dict(state)
+    renamed = {}
+    for key, value in state.items():
+        old = next((o for o in legacy if key.startswith(o)), None)
+        renamed[legacy[old] + key[len(old):] if old else key] = value
+    return renamed
+
+
+def load_weights(net: nn.Module, name: str, state: Mapping[str, torch.Tensor]) -> None:
+    """`state` into `net` with strict=True (earlier dtrain layer names accepted); RuntimeError if it does not fit."""
+    net.load_state_dict(upgrade(name, state), strict=True)
+
+
+def init_from(net: nn.Module, name: str, path: str) -> None:
+    """Start from the weights in `path`: a plain state_dict (`torch.save(model.state_dict(), PATH)`, the
+    tutorial classes' included) or a dtrain checkpoint, whose model weights are taken."""
+    try:
+        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model.init_from={path!r} does not exist; give the path of a saved state_dict") from None
+    except Exception as e:
+        raise ConfigError(f"model.init_from={path!r} is not a readable state_dict file ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:160]})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "format" in state:
+        state = state["model"]  # a dtrain checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.init_from={path!r} holds a {type(state).__name__}, not a state_dict of tensors")
+    try:
+        load_weights(net, name, state)
+    except RuntimeError as e:
+        why = _mismatch(net.state_dict(), upgrade(name, state))
+        raise ConfigError(f"model.init_from={path!r} does not fit model={name} ({why}); save the state_dict "
+                          "of the same model and data shape") from e
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """What differs between two state_dicts, in a few words: missing and unexpected keys, other shapes."""
+    def few(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    shapes = [k for k in expected.keys() & given.keys() if expected[k].shape != given[k].shape]
+    parts = [f"missing {few(expected.keys() - given.keys())}" if expected.keys() - given.keys() else "",
+             f"unexpected {few(given.keys() - expected.keys())}" if given.keys() - expected.keys() else "",
+             f"other shapes: {few(f'{k} {list(given[k].shape)} vs {list(expected[k].shape)}' for k in shapes)}"
+             if shapes else ""]
+    return "; ".join(p for p in parts if p)

@@ -20,7 +20,17 @@ OPTIMIZERS: dict[str, Callable[[Iterable, OptimConfig], torch.optim.Optimizer]] 
                                             weight_decay=c.weight_decay),
     "rmsprop": lambda p, c: torch.optim.RMSprop(p, lr=c.lr, alpha=c.alpha, eps=c.eps,
                                                 momentum=c.momentum, weight_decay=c.weight_decay),
+    "adagrad": lambda p, c: torch.optim.Adagrad(p, lr=c.lr, lr_decay=c.lr_decay, weight_decay=c.weight_decay,
+                                                eps=c.eps),
 }
+
+
+def l1_penalty(params: list[torch.Tensor], coefficient: float) -> torch.Tensor | None:
+    """coefficient * sum(|w|) over `params` (the tutorials' L1 regulariser), or None when it is off. It
+    joins the loss before backward, so DDP averages its gradient with the rest."""
+    if not coefficient:
+        return None
+    return coefficient * torch.stack([p.abs().sum() for p in params]).sum()
 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:

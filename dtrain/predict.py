@@ -1,9 +1,10 @@
 """Predict with a trained model: `python -m dtrain.predict ckpt=PATH input=PATH [topk=5] [out=FILE.csv]`.
 
-`input` is an image file, a folder of images (every .png/.jpg/... in it, sorted), or a .npy / .pt tensor
-file holding one input or a batch ([N, *shape]; uint8 pixels, or floats in 0..1 for images). The
-preprocessing is the one the model was trained with, read from the checkpoint (channels, size, resize,
-normalisation), never re-typed. Prints the top-k classes with their probabilities (or the predicted values
+`input` is an image file, a folder of images (every .png/.jpg/... in it, sorted), a .npy / .pt tensor
+file holding one input or a batch ([N, *shape]; uint8 pixels, or floats in 0..1 for images), or, for a
+model trained on data=csv, a CSV file with the training features as named columns (others are ignored).
+The preprocessing is the one the model was trained with, read from the checkpoint (channels, size, resize,
+normalisation, the features' standardisation), never re-typed. Prints the top-k classes with their probabilities (or the predicted values
 for regression); for a folder, or with out=, also writes a CSV (never over an existing file).
 """
 
@@ -65,6 +66,21 @@ def read_tensor(path: Path, info: dict) -> torch.Tensor:
     return x
 
 
+def read_table_rows(path: Path, info: dict) -> tuple[list[str], torch.Tensor]:
+    """The rows of a CSV file as raw feature vectors, by the column names the model was trained on."""
+    from dtrain import data
+    features = info.get("features")
+    if not features:
+        raise BadInput(f"input={path}: this model was not trained on a table (data=csv); give "
+                       + ("images" if info["images"] else "a .npy or .pt file"))
+    header, rows = data.read_table(path)
+    missing = [f for f in features if f not in header]
+    if missing:
+        raise BadInput(f"input={path} has no column {', '.join(map(repr, missing))}; the model takes "
+                       f"{', '.join(features)}")
+    return [f"{path.name}:{i + 1}" for i in range(len(rows))], data.table_columns(path, header, rows, features)
+
+
 def read_inputs(path: Path, info: dict) -> tuple[list[str], torch.Tensor]:
     """Names and the batch of raw inputs at `path`."""
     if not path.exists():
@@ -72,8 +88,11 @@ def read_inputs(path: Path, info: dict) -> tuple[list[str], torch.Tensor]:
     if path.suffix in (".npy", ".pt"):
         x = read_tensor(path, info)
         return [f"{path.name}[{i}]" for i in range(len(x))], x
+    if path.suffix.lower() == ".csv":
+        return read_table_rows(path, info)
     if not info["images"]:
-        raise BadInput(f"input={path}: this model takes {info['shape']} feature tensors; give a .npy or .pt file")
+        raise BadInput(f"input={path}: this model takes {info['shape']} feature tensors; give a .npy or .pt file"
+                       + (" or a .csv file" if info.get("features") else ""))
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise BadInput(f"input={path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")

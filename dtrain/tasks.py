@@ -9,6 +9,7 @@ so accumulating them never synchronises the host.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -33,7 +34,13 @@ class Task:
 
     @property
     def metrics(self) -> tuple[str, ...]:
+        """What training reports (train_*), from per-batch sums."""
         return ("loss", *self.extras)
+
+    @property
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What evaluation reports (val_*, test_*): classification adds macro F1 and macro AUC-ROC."""
+        return (*self.metrics, *(("f1", "auc") if self.classifies else ()))
 
     def higher_is_better(self, metric: str) -> bool:
         return not metric.endswith("loss")
@@ -41,7 +48,7 @@ class Task:
     def monitor_for(self, asked: Monitor, data_name: str) -> str:
         """The validation metric best.pt is chosen by: `asked`, or the task's own for Monitor.auto."""
         monitor = self.monitor if asked == Monitor.auto else asked.value
-        if monitor.removeprefix("val_") not in self.metrics:
+        if monitor.removeprefix("val_") not in self.eval_metrics:
             raise ConfigError(f"checkpoint.monitor={monitor} but data={data_name} is a {self.name} task; "
                               f"use checkpoint.monitor={self.monitor}")
         return monitor
@@ -108,16 +115,49 @@ def autocast(device: torch.device, precision: Precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == Precision.bf16 else torch.float16)
 
 
+def macro_f1(confusion: torch.Tensor) -> float:
+    """The mean F1 over the classes that occur as a label or a prediction (confusion rows: true class)."""
+    c = confusion.double()
+    tp = c.diag()
+    counted = 2 * tp + (c.sum(0) - tp) + (c.sum(1) - tp)  # 2 TP + FP + FN
+    seen = counted > 0
+    return float((2 * tp[seen] / counted[seen]).mean()) if seen.any() else math.nan
+
+
+def macro_auc(scores: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean one-vs-rest AUC-ROC over the classes with both positive and negative samples, exactly: the
+    chance that a sample of the class scores higher on it than a sample outside it, ties counting half
+    (the Mann-Whitney statistic, from the average ranks of the scores). NaN when no class qualifies."""
+    n, classes = scores.shape
+    values, order = scores.double().sort(0)  # each column ascending
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[1:] = values[1:] != values[:-1]  # the first of each run of equal scores
+    group = starts.cumsum(0) - 1 + torch.arange(classes, device=scores.device) * n  # a tie group id per column
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=scores.device)[:, None].expand(n, classes)
+    flat = group.flatten()
+    sums = torch.zeros(n * classes, dtype=torch.float64, device=scores.device).index_add_(0, flat, ranks.flatten())
+    counts = torch.zeros_like(sums).index_add_(0, flat, torch.ones_like(ranks).flatten())
+    average = (sums / counts.clamp_min(1))[group]  # ties share their average rank
+    positive = y[order] == torch.arange(classes, device=scores.device)  # [n, classes], in sorted order
+    p = positive.sum(0).double()
+    auc = ((average * positive).sum(0) - p * (p + 1) / 2) / (p * (n - p))
+    valid = (p > 0) & (p < n)
+    return float(auc[valid].mean()) if valid.any() else math.nan
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
              precision: Precision = Precision.fp32, label_smoothing: float = 0.0,
              limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
     """The task's metrics over the loader's samples on all ranks, each sample counted once. With
-    `classes`, also the confusion matrix (rows: true class, columns: predicted), summed over ranks."""
+    `classes`, also the confusion matrix (rows: true class, columns: predicted), summed over ranks, its
+    macro F1, and the macro AUC-ROC of every rank's class probabilities gathered together (exact AUC needs
+    all the scores; F1 needs only the summed confusion matrix)."""
     was_training = model.training
     model.eval()
     sums = task.zeros(world.device)
     confusion = torch.zeros(classes * classes, dtype=torch.int64, device=world.device)
+    scores, labels = [], []
     for i, (x, y) in enumerate(bar(loader)):
         if limit and i >= limit:
             break
@@ -128,10 +168,17 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
         sums += task.batch_sums(task.loss(out, y, label_smoothing), out, y)
         if classes:
             confusion += torch.bincount(y * classes + out.argmax(1), minlength=classes * classes)
+            scores.append(out.softmax(1))
+            labels.append(y)
     model.train(was_training)
     metrics: dict = task.reduce(sums)
     if classes:
-        metrics["confusion"] = w.all_reduce_sum(confusion).view(classes, classes).tolist()
+        confusion = w.all_reduce_sum(confusion).view(classes, classes)
+        metrics["confusion"] = confusion.tolist()
+        metrics["f1"] = macro_f1(confusion)
+        empty = torch.zeros(0, classes, device=world.device), torch.zeros(0, dtype=torch.int64, device=world.device)
+        metrics["auc"] = macro_auc(w.all_gather_rows(torch.cat(scores) if scores else empty[0]),
+                                   w.all_gather_rows(torch.cat(labels) if labels else empty[1]))
     return metrics
 
 

@@ -33,6 +33,29 @@ class Progress:
     samples_in_epoch: int = 0  # global samples of the current epoch already trained on
 
 
+@dataclass
+class EarlyStopping:
+    """Stop once the monitored validation metric has gone `patience` validations in a row without beating
+    its best by more than `min_delta` (patience 0: never). Saved in every checkpoint."""
+    patience: int
+    min_delta: float
+    higher_is_better: bool
+    best: Optional[float] = None
+    bad: int = 0  # validations in a row without improvement
+    stopped: bool = False
+
+    def update(self, value: float) -> bool:
+        """Take one validation's value; whether training should stop."""
+        if self.patience:
+            gain = math.inf if self.best is None else \
+                (value - self.best if self.higher_is_better else self.best - value)
+            if gain > self.min_delta:  # NaN never improves
+                self.best, self.bad = value, 0
+            else:
+                self.bad += 1
+        return self.bad >= self.patience > 0
+
+
 class Trainer:
     def __init__(self, cfg: Config, world: w.World, run: RunDir):
         self.cfg, self.world, self.run = cfg, world, run
@@ -41,8 +64,10 @@ class Trainer:
         splits = self.splits = data.build(cfg.data, world)
         self.task = TASKS[splits.task]
         self.input_format = perf.memory_format(tc.channels_last, splits.shape)
-        self.model = models.build(cfg.model.name, splits.task, splits.shape, splits.out,
-                                  cfg.data.name).to(world.device, memory_format=self.input_format)
+        self.model = models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
+        if cfg.model.init_from:  # before DDP, which starts every rank from rank 0's weights
+            models.init_from(self.model, cfg.model.name, cfg.model.init_from)
+        self.model.to(world.device, memory_format=self.input_format)
         ddp_options = {k: v for k, v in dataclasses.asdict(cfg.dist).items() if k not in ("backend", "timeout_s")}
         self.net = w.wrap_model(self.model, world, cfg.model.sync_batchnorm, ddp_options)
         perf.set_tf32(tc.tf32)
@@ -61,13 +86,16 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * tc.epochs
         if tc.max_steps > 0:
             self.total_steps = min(self.total_steps, tc.max_steps)
-        self.optimizer = optim.build_optimizer(self.model.parameters(), cfg.optim)
+        self.parameters = list(self.model.parameters())
+        self.optimizer = optim.build_optimizer(self.parameters, cfg.optim)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, cfg.optim.lr, self.total_steps,
                                                self.steps_per_epoch)
         self.progress = Progress()
         self.last_metrics: Optional[dict] = None
         self.epoch_sums = EpochSums(self.task, world.device)  # this rank's, kept across a mid-epoch resume
         monitor = self.task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
+        self.early = EarlyStopping(tc.early_stopping.patience, tc.early_stopping.min_delta,
+                                   self.task.higher_is_better(monitor))
         self.checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                          enabled=not dbg.limit_batches and not dbg.overfit_batches,
                                          monitor=monitor, higher_is_better=self.task.higher_is_better(monitor),
@@ -103,6 +131,7 @@ class Trainer:
                     w.broadcast_buffers(self.model)  # every rank evaluates and saves rank 0's model
                     val = self.evaluate(self.loaders.val)
                     self.log_epoch(train, val, epoch_time, p.step - first)
+                    self.early_stop(val)
                     if train["complete"]:  # else max_steps stopped it part-way: keep the position
                         p.epoch, p.samples_in_epoch = p.epoch + 1, 0
                     if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
@@ -120,7 +149,20 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        return self.progress.step >= self.total_steps
+        return self.progress.step >= self.total_steps or self.early.stopped
+
+    def early_stop(self, val: dict) -> None:
+        """trainer.early_stopping: take this epoch's validation; every rank stops together."""
+        if not self.early.patience:
+            return
+        metric = self.checkpointer.monitor
+        # Validation metrics are reduced over all ranks, so ranks agree already; the max makes it certain.
+        self.early.stopped = bool(w.max_over_ranks(int(self.early.update(val[metric.removeprefix("val_")])),
+                                                   self.world.device))
+        if self.early.stopped:
+            log.info(f"early stopping: {metric} has not improved by more than {self.early.min_delta:g} for "
+                     f"{self.early.bad} validations (best {self.early.best:.6g}); stopping after epoch "
+                     f"{self.progress.epoch + 1} of {self.cfg.trainer.epochs}")
 
     def train_epoch(self, stop: StopSignal) -> dict:
         cfg, p, world = self.cfg, self.progress, self.world
@@ -146,7 +188,9 @@ class Trainer:
                     raise FloatingPointError(
                         f"non-finite loss {loss.item()} at epoch {p.epoch} step {p.step} batch {done - 1} "
                         f"(rank {world.rank}); debug=anomaly stopped here")
-                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+                penalty = optim.l1_penalty(self.parameters, cfg.optim.l1)  # None unless optim.l1 > 0
+                objective = loss if penalty is None else loss + penalty
+                self.scaler.scale(objective / accum if accum > 1 else objective).backward()
             self.epoch_sums.add(loss, out, y)
             if not boundary:
                 continue
@@ -156,7 +200,7 @@ class Trainer:
             self.profiler.step()
             # The only host syncs of a step, and only every N steps: reading the loss, agreeing on a stop.
             if p.step % cfg.trainer.log_every_n_steps == 0:
-                self.log_step(loss.item())
+                self.log_step(loss.item(), **({} if penalty is None else {"l1_penalty": penalty.item()}))
             if p.step % self.sync_every == 0:
                 signum = w.max_over_ranks(stop.received or 0, world.device)
                 if signum:
@@ -165,18 +209,19 @@ class Trainer:
                 self.checkpointer.save(self, p.step)
         return {**self.task.reduce(self.epoch_sums.value()), "complete": done >= self.steps_per_epoch * accum}
 
-    def log_step(self, loss: float) -> None:
+    def log_step(self, loss: float, **extra: float) -> None:
         p = self.progress
         if not math.isfinite(loss):  # DDP averages gradients, so every rank's loss turns non-finite together
             raise FloatingPointError(f"the training loss is {loss} at epoch {p.epoch} step {p.step} (rank "
                                      f"{self.world.rank}); lower optim.lr, set trainer.grad_clip, or find the first "
                                      "bad batch with debug=anomaly")
-        self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+        self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss, **extra,
+                           "lr": self.scheduler.get_last_lr()[0]})
 
     def optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+            nn.utils.clip_grad_norm_(self.parameters, self.cfg.trainer.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,9 +235,11 @@ class Trainer:
                         bar=lambda batches: self.metrics.bar(batches, name, len(loader)))
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
-        names = self.task.metrics
+        penalty = optim.l1_penalty(self.parameters, self.cfg.optim.l1)
         self.last_metrics = {"epoch": self.progress.epoch, "step": self.progress.step,
-                             **{f"train_{k}": train[k] for k in names}, **{f"val_{k}": val[k] for k in names},
+                             **{f"train_{k}": train[k] for k in self.task.metrics},
+                             **({} if penalty is None else {"l1_penalty": penalty.item()}),
+                             **{f"val_{k}": val[k] for k in self.task.eval_metrics},
                              "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
                              **self.speed(train["samples"] / max(epoch_time, 1e-9), epoch_time / max(steps, 1))}
         self.metrics.epoch(self.last_metrics)
@@ -208,7 +255,7 @@ class Trainer:
         return out
 
     def finish(self, val: Optional[dict], wall: float, samples_per_sec: float, step_time: float) -> dict:
-        cfg, names = self.cfg, self.task.metrics
+        cfg, names = self.cfg, self.task.eval_metrics
         if val is None and self.run.summary.exists():  # resumed a run that had already finished
             log.info(f"the run in {self.run} had already finished at step {self.progress.step}; its summary is kept")
             return json.loads(self.run.summary.read_text())
@@ -220,7 +267,8 @@ class Trainer:
         if self.loaders.test is not None:
             test = self.evaluate(self.loaders.test, "test")
             summary.update({f"test_{k}": test[k] for k in names})
-        summary.update(monitor=self.checkpointer.monitor, best=self.checkpointer.best, wall_time_s=wall,
+        summary.update(monitor=self.checkpointer.monitor, best=self.checkpointer.best, stopped_early=self.early.stopped,
+                       wall_time_s=wall,
                        **self.speed(samples_per_sec, step_time), world_size=self.world.world_size,
                        num_nodes=self.world.num_nodes, device=str(self.world.device),
                        precision=cfg.trainer.precision.value, run_dir=str(self.run))
@@ -257,14 +305,14 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 **dataclasses.asdict(self.progress), "model_name": self.cfg.model.name,
                 "config": as_dict(self.cfg), "metrics": self.last_metrics, "logger": self.metrics.state_dict(),
-                "data": self.splits.describe()}
+                "data": self.splits.describe(), "early_stopping": dataclasses.asdict(self.early)}
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         return {"epoch_sums": self.epoch_sums.value()}
 
     def load_state_dict(self, state: dict) -> None:
         try:
-            self.model.load_state_dict(state["model"])
+            models.load_weights(self.model, self.cfg.model.name, state["model"])
         except RuntimeError as e:
             raise ValueError(f"does not fit this model/data ({str(e).splitlines()[0]}); "
                              "resume=none starts fresh") from e
@@ -276,3 +324,6 @@ class Trainer:
         self.last_metrics = state["metrics"]
         self.metrics.load_state_dict(state.get("logger") or {})
         self.epoch_sums.reset(state["rank"]["epoch_sums"])
+        for key, value in (state.get("early_stopping") or {}).items():
+            if key in ("best", "bad", "stopped"):  # what happened; patience and min_delta are this run's
+                setattr(self.early, key, value)

@@ -305,6 +305,20 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` (ranks may hold different numbers), concatenated in rank order, on every rank."""
+    if not dist.is_initialized():
+        return t
+    counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(t)], dtype=torch.int64, device=t.device))
+    counts = [int(c) for c in counts]
+    padded = torch.zeros(max(counts), *t.shape[1:], dtype=t.dtype, device=t.device)  # all_gather needs one shape
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

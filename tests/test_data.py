@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtrain import data
+from dtrain import augment, data
 from dtrain import world as w
 from dtrain.config import ConfigError
 from conftest import make_config
@@ -241,7 +241,7 @@ def test_auto_puts_in_memory_data_on_the_device_and_files_on_the_dataloader(tmp_
 
 def test_batched_crop_and_flip_cut_each_image_from_its_padded_self_and_a_resumed_epoch_repeats_them():
     images = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8)
-    ds = data.Tensors(images, torch.arange(32), augment=data.CropFlip(2))
+    ds = data.Tensors(images, torch.arange(32), augment=augment.Augment([augment.Crop(2), augment.Flip()]))
     loader = data.DeviceLoader(ds, SINGLE, 8, train=True, seed=1)
     loader.set_position(4, 0)
     epoch = [(x, y) for x, y in loader]

@@ -16,7 +16,8 @@ SMALL = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_sampl
 
 
 def comparable(summary: dict) -> dict:
-    return {k: summary[k] for k in ("steps", "val_loss", "val_acc", "val_samples", "test_acc")}
+    return {k: summary[k] for k in ("steps", "val_loss", "val_acc", "val_f1", "val_auc", "val_samples", "test_acc",
+                                    "test_f1", "test_auc")}
 
 
 def test_launch_local_sh_starts_n_processes(tmp_path):
@@ -49,6 +50,22 @@ def test_accumulation_skips_the_all_reduce_on_micro_steps_and_matches_the_large_
     # 5 optimizer steps x 4 micro-batches: DDP all-reduced once per optimizer step, not per micro-batch.
     assert [(acc.dir / f"allreduce-rank{r}.txt").read_text() for r in (0, 1)] == ["5", "5"]
     assert_same_weights(final_state(big), final_state(acc))
+
+
+def test_two_ranks_stop_early_together_and_count_f1_and_auc_over_uneven_shards_like_one_rank(tmp_path):
+    # 1,010 samples: 101 validation samples, 51 on rank 0 and 50 on rank 1. No validation after the first
+    # can beat it by min_delta, so with patience 1 both runs stop after epoch 2 of 6.
+    stopping = (*SMALL, "data.num_samples=1010", "trainer.epochs=6", "checkpoint.monitor=val_loss",
+                "trainer.early_stopping.patience=1", "trainer.early_stopping.min_delta=100")
+    one = run_cli(tmp_path / "one", *stopping)
+    two = run_cli(tmp_path / "two", *stopping, nproc=2)
+    assert one.code == 0, one
+    assert two.code == 0, two
+    for run in (one, two):
+        assert (run.summary["epochs"], run.summary["stopped_early"], run.summary["val_samples"]) == (2, True, 101)
+        assert "early stopping: val_loss has not improved" in run.err + run.out
+    for key, value in comparable(one.summary).items():
+        assert two.summary[key] == pytest.approx(value, abs=1e-6), key
 
 
 CNN = ("model=convnet", "data=synthetic", "data.shape=[3,16,16]", "data.num_samples=400", "data.batch_size=32",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dtrain import models
-from dtrain.config import ConfigError
+from dtrain.config import ConfigError, ModelConfig
 
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -12,7 +12,7 @@ IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 @pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=["mnist", "cifar"])
 @pytest.mark.parametrize("name", ["mlp", "mlp3", "lenet", "convnet", "resnet18"])
 def test_classifier_runs_forward_and_backward_on_mnist_and_cifar_shapes(name, shape):
-    model = models.build(name, "classification", shape, 10, "test")
+    model = models.build(ModelConfig(name), "classification", shape, 10, "test")
     x = torch.randn(4, *shape)
     out = model(x)
     assert out.shape == (4, 10)
@@ -20,24 +20,29 @@ def test_classifier_runs_forward_and_backward_on_mnist_and_cifar_shapes(name, sh
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_mlp_and_lenet_have_the_tutorial_layer_sizes():
-    mlp = models.build("mlp", "classification", (1, 28, 28), 10, "test")
-    assert [tuple(m.weight.shape) for m in mlp if hasattr(m, "weight")] == [(128, 784), (10, 128)]
-    mlp3 = models.build("mlp3", "classification", (1, 28, 28), 10, "test")
-    assert [tuple(m.weight.shape) for m in mlp3 if hasattr(m, "weight")] == [(128, 784), (64, 128), (10, 64)]
-    lenet = models.build("lenet", "classification", (3, 32, 32), 10, "test")
-    linears = [m for m in lenet.modules() if isinstance(m, torch.nn.Linear)]
-    assert [tuple(m.weight.shape) for m in linears] == [(120, 16 * 5 * 5), (84, 120), (10, 84)]
+def test_the_mlps_lenet_and_convnet_have_the_tutorials_layer_names_and_sizes():
+    def shapes(name, shape, **options):
+        net = models.build(ModelConfig(name, **options), "classification", shape, 10, "test")
+        return {k: tuple(v.shape) for k, v in net.state_dict().items() if k.endswith("weight")}
+
+    assert shapes("mlp", (1, 28, 28)) == {"fc1.weight": (128, 784), "fc2.weight": (10, 128)}
+    assert shapes("mlp3", (1, 28, 28)) == {"fc1.weight": (128, 784), "fc2.weight": (64, 128), "fc3.weight": (10, 64)}
+    assert shapes("lenet", (3, 32, 32)) == {"conv1.weight": (6, 3, 5, 5), "conv2.weight": (16, 6, 5, 5),
+                                            "fc1.weight": (120, 400), "fc2.weight": (84, 120), "fc3.weight": (10, 84)}
+    assert shapes("convnet", (3, 32, 32), batchnorm=False) == {
+        "conv1.weight": (64, 3, 3, 3), "conv2.weight": (128, 64, 3, 3), "fc1.weight": (256, 8192),
+        "fc2.weight": (10, 256)}
+    assert {"bn1.weight", "bn2.weight"} <= shapes("convnet", (3, 32, 32)).keys()  # BatchNorm by default
 
 
 def test_resnet18_uses_a_small_image_stem():
-    net = models.build("resnet18", "classification", (3, 32, 32), 10, "test")
+    net = models.build(ModelConfig("resnet18"), "classification", (3, 32, 32), 10, "test")
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, torch.nn.Identity)
 
 
 def test_linear_regression_maps_features_to_one_target():
-    model = models.build("linear", "regression", (8,), 1, "regression")
+    model = models.build(ModelConfig("linear"), "regression", (8,), 1, "regression")
     assert model(torch.randn(5, 8)).shape == (5, 1)
 
 
@@ -49,4 +54,4 @@ def test_linear_regression_maps_features_to_one_target():
 ])
 def test_a_model_that_cannot_pair_with_the_data_is_a_config_error(name, task, shape, match):
     with pytest.raises(ConfigError, match=match):
-        models.build(name, task, shape, 10, "somedata")
+        models.build(ModelConfig(name), task, shape, 10, "somedata")

@@ -139,7 +139,7 @@ class WithUnused(nn.Module):  # a head that never takes part in the loss
     def forward(self, x):
         return self.body(x)
 
-models.MODELS["with_unused"] = (lambda shape, out: WithUnused(shape, out), "classification", None)
+models.MODELS["with_unused"] = models.Spec(WithUnused, "classification")
 main()
 """
 

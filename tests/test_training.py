@@ -42,7 +42,7 @@ def test_linear_regression_recovers_the_known_coefficients(tmp_path, quiet_logs)
                      "optim.weight_decay=0", "trainer.epochs=10", *FAST)
     summary = t.fit()
     coef, bias = data.regression_truth(t.cfg.data)
-    layer = t.model[1]
+    layer = t.model.linear
     assert torch.allclose(layer.weight.detach().T, coef, atol=0.02)
     assert torch.allclose(layer.bias.detach(), bias, atol=0.02)
     assert summary["val_loss"] < 0.02 and "val_acc" not in summary  # MSE of noise 0.1 is 0.01
@@ -62,7 +62,7 @@ def test_the_same_seed_repeats_a_cpu_run_exactly(tmp_path, quiet_logs):
 def test_a_different_seed_gives_different_weights(tmp_path, quiet_logs):
     a = make_trainer(tmp_path / "a", *SYNTH, "trainer.epochs=1", "seed=1", *FAST)
     b = make_trainer(tmp_path / "b", *SYNTH, "trainer.epochs=1", "seed=2", *FAST)
-    assert not torch.equal(a.model[1].weight, b.model[1].weight)
+    assert not torch.equal(a.model.fc1.weight, b.model.fc1.weight)
 
 
 def test_gradient_accumulation_matches_the_equivalent_large_batch(tmp_path, quiet_logs):
@@ -90,7 +90,7 @@ def test_label_smoothing_raises_the_loss_of_confident_predictions():
     assert loss(out, y, 0.2) > loss(out, y, 0.0)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
 def test_every_optimizer_trains(tmp_path, quiet_logs, name):
     t = make_trainer(tmp_path, f"optim={name}", "optim.lr=1e-2", *SYNTH, "data.shape=[16]", "trainer.epochs=2", *FAST)
     t.fit()
@@ -197,3 +197,71 @@ def test_nesterov_without_momentum_is_a_config_error():
     cfg = make_config("optim=sgd", "optim.nesterov=true", "optim.momentum=0").optim
     with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
         optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+
+
+def test_adagrad_takes_its_learning_rate_decay_and_weight_decay():
+    cfg = make_config("optim=adagrad", "optim.lr_decay=0.01", "optim.weight_decay=0.1").optim
+    opt = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.Adagrad)
+    assert (group["lr"], group["lr_decay"], group["weight_decay"], group["eps"]) == (0.01, 0.01, 0.1, 1e-10)
+
+
+def test_an_l1_penalty_shrinks_the_weights_and_is_reported_apart_from_the_loss(tmp_path, quiet_logs):
+    common = ("model=mlp", *SYNTH, "data.shape=[16]", "optim=sgd", "optim.weight_decay=0", "trainer.epochs=3",
+              "checkpoint.enabled=false", "logger.plots=false", "trainer.log_every_n_steps=1")
+    plain = make_trainer(tmp_path / "plain", *common)
+    plain.fit()
+    sparse = make_trainer(tmp_path / "l1", *common, "optim.l1=0.05")
+    sparse.fit()
+    sparse.close()
+    norm = lambda t: sum(p.abs().sum().item() for p in t.model.parameters())  # noqa: E731
+    assert norm(sparse) < 0.8 * norm(plain)
+    last = json.loads((tmp_path / "l1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["l1_penalty"] == pytest.approx(0.05 * norm(sparse), rel=1e-5)
+    assert "l1_penalty" not in plain.last_metrics
+    # train_loss stays the data's loss: the same model and batches give the same cross-entropy with l1 on
+    assert last["train_loss"] < math.log(10)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement_and_saves_the_final_checkpoint(
+        tmp_path, quiet_logs):
+    common = (*SYNTH, "trainer.epochs=10", "trainer.early_stopping.patience=2", "logger.plots=false",
+              "checkpoint.monitor=val_loss", "trainer.early_stopping.min_delta=100")  # nothing beats the first
+    t = make_trainer(tmp_path, *common)
+    summary = t.fit()
+    t.close()
+    assert summary["epochs"] == 3 and summary["stopped_early"] is True
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{summary['steps']:08d}.pt"
+    again = make_trainer(tmp_path, *common)  # the stopped run is finished: rerunning it trains nothing
+    assert again.fit() == summary
+    again.close()
+
+
+def test_early_stopping_waits_while_the_metric_improves():
+    from dtrain.trainer import EarlyStopping
+    stop = EarlyStopping(patience=2, min_delta=0.01, higher_is_better=True)
+    assert [stop.update(v) for v in (0.5, 0.6, 0.605, 0.7, 0.7, 0.69)] == [False, False, False, False, False, True]
+    assert stop.best == 0.7 and EarlyStopping(0, 0.0, True).update(0.1) is False  # patience 0: off
+
+
+def test_dropout_is_an_option_of_the_mlps_and_cnns_that_adds_no_weights(tmp_path, quiet_logs):
+    from dtrain import models
+    from dtrain.config import ModelConfig
+    plain = models.build(ModelConfig("lenet"), "classification", (3, 32, 32), 10, "test")
+    dropped = models.build(ModelConfig("lenet", dropout=0.5), "classification", (3, 32, 32), 10, "test")
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    x = torch.randn(8, 3, 32, 32)
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x))  # a new mask each forward in training
+    dropped.eval()
+    assert torch.equal(dropped(x), dropped(x))
+    with pytest.raises(ConfigError, match=r"model.dropout=0.5 is not an option of model=resnet18; models that "
+                                          r"take it: convnet, lenet, mlp, mlp3"):
+        make_trainer(tmp_path, "model=resnet18", *SYNTH, "model.dropout=0.5")
+    with pytest.raises(ConfigError, match="model.batchnorm=False is not an option of model=lenet"):
+        make_trainer(tmp_path, "model=lenet", *SYNTH, "model.batchnorm=false")
+    no_bn = models.build(ModelConfig("convnet", batchnorm=False), "classification", (3, 32, 32), 10, "test")
+    assert not any("bn" in k for k in no_bn.state_dict())
