@@ -130,3 +130,15 @@ def test_a_prediction_csv_without_the_training_columns_is_refused(tmp_path, quie
         api.predict(tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "few.csv")
     info = json.loads(json.dumps(api.load_model(tmp_path / "run" / "checkpoints" / "best.pt").info))
     assert info["features"] == ["a", "b", "c"] and len(info["mean"]) == 3
+
+
+def test_a_table_that_moved_resumes_from_its_new_place(tmp_path, quiet_logs):
+    write_table(tmp_path / "t.csv")
+    common = (*CSV, "data.target=y", "data.features=[a,b,c]")
+    first = make_trainer(tmp_path / "run", *common, f"data.path={tmp_path / 't.csv'}", "trainer.epochs=1")
+    first.fit()
+    first.close()
+    (tmp_path / "t.csv").rename(tmp_path / "moved.csv")
+    resumed = make_trainer(tmp_path / "run", *common, f"data.path={tmp_path / 'moved.csv'}", "trainer.epochs=1")
+    assert resumed.fit()["steps"] == first.progress.step  # finished already: continued, not refused
+    resumed.close()
