@@ -19,7 +19,7 @@ import numpy as np
 from dtrain.errors import EXIT_BAD_INPUT, BadInput
 
 DPI = 100
-SIZES = {"curves.png": (12, 4), "confusion.png": (6, 5), "samples.png": (8, 8.5), "compare": (12, 4)}  # inches
+SIZES = {"curves.png": (14, 4), "confusion.png": (6, 5), "samples.png": (8, 8.5), "compare": (12, 4)}  # inches
 
 
 class PlotError(BadInput):
@@ -58,17 +58,23 @@ def _title(folder: Path) -> str:
 
 
 def curves(folder: Path, out: Path) -> bool:
-    """Loss and the task's other metrics per epoch (train vs val), and the learning rate."""
+    """Loss and the task's other metrics per epoch (train vs val; validation-only metrics such as F1 and
+    AUC share one panel), and the learning rate."""
     epochs = _epochs(folder)
     if not epochs:
         return False
     metrics = [k.removeprefix("val_") for k in epochs[-1] if k.startswith("val_")]
+    paired = [m for m in metrics if f"train_{m}" in epochs[-1]]
+    alone = [m for m in metrics if m not in paired]
     fig = _figure(SIZES["curves.png"])
-    axes = fig.subplots(1, len(metrics) + 1)
-    for ax, name in zip(axes, metrics):
-        for split in ("train", "val"):
-            ax.plot(*_series(epochs, f"{split}_{name}"), marker="o", label=split)
-        ax.set(title=name, xlabel="epoch")
+    axes = fig.subplots(1, len(paired) + bool(alone) + 1)
+    panels = [(name, [(split, f"{split}_{name}") for split in ("train", "val")]) for name in paired]
+    if alone:
+        panels.append((f"validation {', '.join(alone)}", [(name, f"val_{name}") for name in alone]))
+    for ax, (title, lines) in zip(axes, panels):
+        for label, key in lines:
+            ax.plot(*_series(epochs, key), marker="o", label=label)
+        ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
