@@ -71,7 +71,7 @@ def main() -> None:
             extra.append(f"trainer.epochs={args.epochs}")
         start = time.perf_counter()
         s = api.train(f"experiment={name}", *extra, f"hydra.run.dir={work / name}", "logger.plots=false",
-                      "logger.progress_bar=false")
+                      "logger.console=false", "logger.progress_bar=false", "checkpoint.enabled=false")
         took = time.perf_counter() - start
         if "val_acc" in s:
             result = f"val acc {s['val_acc']:.4f}" + (f", test acc {s['test_acc']:.4f}" if "test_acc" in s else "")
