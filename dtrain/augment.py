@@ -39,8 +39,8 @@ class Crop:
         rows = offsets[0, :, None] + torch.arange(h, device=dev)  # [N, H] rows of the padded image
         cols = offsets[1, :, None] + torch.arange(w, device=dev)
         padded = F.pad(x, (p, p, p, p))
-        return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                      rows[:, None, :, None], cols[:, None, None, :]]
+        return padded[torch.arange(n, device=dev)[:, None, None, None],
+                      torch.arange(c, device=dev)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class Flip:
@@ -131,7 +131,7 @@ AUGMENTATIONS: dict[str, Callable[[DataConfig], object]] = {
 }
 PRESETS = {
     "cifar": ("crop", "flip"),  # the usual CIFAR-10 training augmentation
-    "tutorial": ("rotate", "scale", "crop", "flip"),  # the augmentation tutorial's random rotation, scaling, cropping, flipping
+    "tutorial": ("rotate", "scale", "crop", "flip"),  # the augmentation tutorial's: rotation, scaling, crop, flip
 }
 NAMES = (*AUGMENTATIONS, *PRESETS)  # what data.augment may list
 

@@ -68,7 +68,7 @@ class ModelConfig:
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     dropout: float = 0.0  # mlp, mlp3, lenet, convnet: dropout after each hidden fully connected layer
     batchnorm: Optional[bool] = None  # convnet: BatchNorm after each convolution (None: the model's default, on)
-    init_from: Optional[str] = None  # a saved state_dict (or dtrain checkpoint) to start from instead of random weights
+    init_from: Optional[str] = None  # a saved state_dict (or dtrain checkpoint) to start from, not random weights
 
 
 @dataclass
@@ -87,14 +87,14 @@ class DataConfig:
     persistent_workers: bool = True  # stream path, with workers
     prefetch_factor: int = 2  # stream path, with workers: batches each worker loads ahead
     drop_last: bool = True  # False: pad the sampler and keep the short last batch
-    # Training images only, in order (data.AUGMENTATIONS): crop, flip, rotate, scale, jitter, or the presets
-    # cifar (crop, flip) and tutorial (rotate, scale, crop, flip); parameters below.
+    # Training images only, in order (dtrain/augment.py): crop, flip, rotate, scale, jitter, or the presets
+    # cifar (crop, flip) and tutorial (rotate, scale, crop, flip); their parameters below.
     augment: list[str] = field(default_factory=list)
     crop_padding: int = 4  # crop: a random crop of the zero-padded image, back to its size
     rotate_degrees: float = 10.0  # rotate: a random angle in [-d, d]
     scale_range: list[float] = field(default_factory=lambda: [0.9, 1.1])  # scale: a random zoom in [lo, hi]
-    jitter: float = 0.2  # jitter: brightness, contrast (and saturation of colour images) by a factor in [1-j, 1+j]
-    normalize: bool = True  # images: per channel; csv: per feature (standardised with the training split's statistics)
+    jitter: float = 0.2  # jitter: brightness, contrast (colour: saturation) by a factor in [1-j, 1+j]
+    normalize: bool = True  # images: per channel; csv: per feature, with the training split's statistics
     mean: Optional[list[float]] = None  # per channel (csv: per feature); None: the training split's own statistics
     std: Optional[list[float]] = None
     image_size: int = 32  # imagefolder: images are resized to this square
@@ -356,8 +356,6 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     lo_hi = cfg.data.scale_range
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
         _fail("data.scale_range", lo_hi, "two numbers 0 < lo <= hi, e.g. [0.9, 1.1]")
-    if cfg.data.jitter >= 1:
-        _fail("data.jitter", cfg.data.jitter, "must be in [0, 1)")
     _check_csv(cfg.data)
     if not 0 <= cfg.trainer.label_smoothing < 1:
         _fail("trainer.label_smoothing", cfg.trainer.label_smoothing, "must be in [0, 1)")

@@ -317,7 +317,8 @@ def _tensor_splits(cfg: DataConfig, x, y, task: str, out: int, standardize: bool
             mean = torch.tensor(cfg.mean or [0.0] * x.shape[1])
             std = torch.tensor(cfg.std or [1.0] * x.shape[1])
             if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-                raise ConfigError(f"data.mean/data.std={cfg.mean}/{cfg.std} need {x.shape[1]} values, one per feature")
+                raise ConfigError(f"data.mean/data.std={cfg.mean}/{cfg.std} need {x.shape[1]} values, one per "
+                                  "feature")
         else:
             mean, std = x[tr].mean(0), x[tr].std(0, unbiased=False)
             std = torch.where(std > 0, std, torch.ones_like(std))
@@ -332,7 +333,8 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
     header. A missing or empty file, a file without rows, or a row of the wrong length is a DataError."""
     import csv
     if not path.is_file():
-        raise DataError(f"data.path={str(path)!r} does not exist: give a CSV file whose first line names the columns")
+        raise DataError(f"data.path={str(path)!r} does not exist: give a CSV file whose first line names the "
+                        "columns")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first name
     except (OSError, UnicodeDecodeError) as e:
@@ -347,14 +349,17 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
     table = [row for row in csv.reader(lines, dialect) if any(cell.strip() for cell in row)]
     header, rows = [name.strip() for name in table[0]], table[1:]
     if all(_is_number(name) for name in header):
-        raise DataError(f"{path} has no header row (its first line is numbers); add a first line naming the columns")
-    if len(set(header)) != len(header):
-        raise DataError(f"{path} names a column twice ({', '.join(sorted({n for n in header if header.count(n) > 1}))})")
+        raise DataError(f"{path} has no header row (its first line is numbers); add a first line naming the "
+                        "columns")
+    twice = sorted({n for n in header if header.count(n) > 1})
+    if twice:
+        raise DataError(f"{path} names a column twice ({', '.join(twice)})")
     if not rows:
         raise DataError(f"{path} has a header but no rows of data")
     for i, row in enumerate(rows):
         if len(row) != len(header):
-            raise DataError(f"{path}: data row {i + 1} has {len(row)} cells but the header names {len(header)} columns")
+            raise DataError(f"{path}: data row {i + 1} has {len(row)} cells but the header names {len(header)} "
+                            "columns")
     return header, rows
 
 
@@ -398,9 +403,12 @@ def csv_table(cfg: DataConfig, world: w.World) -> Splits:
         y, out, classes = table_columns(path, header, rows, [cfg.target]), 1, None
     else:
         labels = [row[header.index(cfg.target)].strip() for row in rows]
-        classes = sorted(set(labels), key=lambda v: (float(v), v) if all(map(_is_number, set(labels))) else (0, v))
+        classes = sorted(set(labels))
+        if all(map(_is_number, classes)):  # numeric labels in numeric order: 2 before 10
+            classes.sort(key=float)
         if len(classes) < 2:
-            raise DataError(f"{path}: column {cfg.target!r} holds one class ({classes[0]!r}); classification needs two or more")
+            raise DataError(f"{path}: column {cfg.target!r} holds one class ({classes[0]!r}); classification "
+                            "needs two or more")
         code = {c: i for i, c in enumerate(classes)}
         y, out = torch.tensor([code[v] for v in labels]), len(classes)
     if len(rows) < 3:

@@ -3,9 +3,10 @@
 `input` is an image file, a folder of images (every .png/.jpg/... in it, sorted), a .npy / .pt tensor
 file holding one input or a batch ([N, *shape]; uint8 pixels, or floats in 0..1 for images), or, for a
 model trained on data=csv, a CSV file with the training features as named columns (others are ignored).
-The preprocessing is the one the model was trained with, read from the checkpoint (channels, size, resize,
-normalisation, the features' standardisation), never re-typed. Prints the top-k classes with their probabilities (or the predicted values
-for regression); for a folder, or with out=, also writes a CSV (never over an existing file).
+The preprocessing is the one the model was trained with, read from the checkpoint (channels, size,
+resize, normalisation, the features' standardisation), never re-typed. Prints the top-k classes with
+their probabilities (or the predicted values for regression); for a folder, or with out=, also writes a
+CSV (never over an existing file).
 """
 
 from __future__ import annotations

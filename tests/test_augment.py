@@ -28,7 +28,8 @@ def test_rotate_is_torchvisions_rotation_by_the_angle_each_image_drew():
     out, params = drawn(augment.Affine(degrees=30), x)
     angles = params[:, 0]
     assert angles.abs().max() <= 30 and angles.std() > 5  # each image its own angle
-    theirs = torch.stack([TF.rotate(img, float(a), interpolation=InterpolationMode.NEAREST) for img, a in zip(x, angles)])
+    theirs = torch.stack([TF.rotate(img, float(a), interpolation=InterpolationMode.NEAREST)
+                          for img, a in zip(x, angles)])
     assert (out != theirs).float().mean() < 0.002  # a pixel exactly between two others may round either way
 
 

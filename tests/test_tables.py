@@ -142,3 +142,11 @@ def test_a_table_that_moved_resumes_from_its_new_place(tmp_path, quiet_logs):
     resumed = make_trainer(tmp_path / "run", *common, f"data.path={tmp_path / 'moved.csv'}", "trainer.epochs=1")
     assert resumed.fit()["steps"] == first.progress.step  # finished already: continued, not refused
     resumed.close()
+
+
+def test_numeric_class_labels_keep_their_numeric_order(tmp_path):
+    rows = [f"{i % 7},{label}" for i, label in enumerate(["10", "2", "1"] * 4)]
+    (tmp_path / "t.csv").write_text("x,grade\n" + "\n".join(rows) + "\n")
+    cfg = make_config("data=csv", f"data.path={tmp_path / 't.csv'}", "data.target=grade", "data.task=classification")
+    splits = data.build(cfg.data, w.World())
+    assert splits.class_names == ["1", "2", "10"] and splits.out == 3
