@@ -324,6 +324,6 @@ class Trainer:
         self.last_metrics = state["metrics"]
         self.metrics.load_state_dict(state.get("logger") or {})
         self.epoch_sums.reset(state["rank"]["epoch_sums"])
-        for key, value in (state.get("early_stopping") or {}).items():
-            if key in ("best", "bad", "stopped"):  # what happened; patience and min_delta are this run's
-                setattr(self.early, key, value)
+        saved = state.get("early_stopping") or {}  # what happened; patience and min_delta are this run's
+        self.early.best, self.early.bad = saved.get("best"), saved.get("bad", 0)
+        self.early.stopped = self.early.bad >= self.early.patience > 0  # given more patience, training goes on

@@ -238,6 +238,20 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement_and_save
     again = make_trainer(tmp_path, *common)  # the stopped run is finished: rerunning it trains nothing
     assert again.fit() == summary
     again.close()
+    patient = make_trainer(tmp_path, *(o.replace("patience=2", "patience=4") for o in common),
+                           "checkpoint.allow_config_change=true")
+    assert patient.fit()["epochs"] == 5  # given more patience, the stopped run goes on until it runs out again
+    patient.close()
+
+
+def test_a_dtrain_checkpoint_can_be_the_starting_weights_of_a_new_run(tmp_path, quiet_logs):
+    first = make_trainer(tmp_path / "a", *SYNTH, "trainer.max_steps=2", "logger=none")
+    first.fit()
+    first.close()
+    second = make_trainer(tmp_path / "b", *SYNTH, f"model.init_from={tmp_path / 'a' / 'checkpoints' / 'best.pt'}",
+                          "optim=sgd", "logger=none")  # another optimizer: a new run, not a resume
+    assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in second.model.state_dict().items())
+    second.close()
 
 
 def test_early_stopping_waits_while_the_metric_improves():
