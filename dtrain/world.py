@@ -20,6 +20,12 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists: torch.distributed.nn.functional binds group.WORLD into its
+# default arguments when imported (DDP's construction imports it), which kept the group and its gloo
+# threads running past destroy_process_group() into the interpreter's exit, the likely source of a
+# rank's rare abort there ("terminate called without an active exception").
+import torch.distributed.nn
 from torch import nn
 
 from dtrain.errors import ConfigError, WorldError
@@ -191,8 +197,8 @@ def process_group(world: World, timeout_s: float) -> Iterator[World]:
     try:
         yield world
     finally:
-        # Release model/optimizer/loader references before destroying the group: gloo otherwise
-        # aborts at exit now and then ("terminate called without an active exception").
+        # DDP holds the group: collect the released model (and optimizer, loaders) so that destroying
+        # the group frees it and its threads now, not during the interpreter's exit.
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()

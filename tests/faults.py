@@ -8,9 +8,12 @@ SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it wit
 through writing the checkpoint of step STEP; `enospc` fails that write as a full disk would. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
-saves each rank's final model state to <run dir>/state-rank<R>.pt.
+saves each rank's final model state to <run dir>/state-rank<R>.pt. DTRAIN_LIST_THREADS=DIR writes the
+names of each rank's threads inside its process group and after the group's teardown to
+DIR/threads-{inside,after}-rank<R>.txt.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -106,6 +109,26 @@ def install() -> None:
             return result
 
         trainer.Trainer.fit = dumping_fit
+
+
+    if os.environ.get("DTRAIN_LIST_THREADS"):
+        from pathlib import Path
+
+        from dtrain import world
+        original_group = world.process_group
+
+        def write_threads(when, rank):
+            names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+            Path(os.environ["DTRAIN_LIST_THREADS"], f"threads-{when}-rank{rank}.txt").write_text("\n".join(names))
+
+        @contextlib.contextmanager
+        def listing_group(w, timeout_s):
+            with original_group(w, timeout_s) as inside:
+                write_threads("inside", w.rank)
+                yield inside
+            write_threads("after", w.rank)
+
+        world.process_group = listing_group
 
 
 if __name__ == "__main__":

@@ -68,6 +68,20 @@ def test_two_ranks_stop_early_together_and_count_f1_and_auc_over_uneven_shards_l
         assert two.summary[key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_no_gloo_thread_outlives_the_process_group(tmp_path):
+    # DDP's construction imports torch.distributed.nn, whose default arguments would hold the default
+    # group past destroy_process_group(); its gloo threads then ran into the interpreter's exit, where a
+    # rank aborted now and then ("terminate called without an active exception").
+    run = run_cli(tmp_path / "run", *SMALL, "trainer.max_steps=3", nproc=2, target=(FAULTS,),
+                  env={"DTRAIN_LIST_THREADS": str(tmp_path)})
+    assert run.code == 0, run
+    for rank in (0, 1):
+        inside = (tmp_path / f"threads-inside-rank{rank}.txt").read_text().split()
+        after = (tmp_path / f"threads-after-rank{rank}.txt").read_text().split()
+        assert [t for t in inside if "gloo" in t], inside  # the probe sees gloo's threads while they run
+        assert not [t for t in after if "gloo" in t], after
+
+
 CNN = ("model=convnet", "data=synthetic", "data.shape=[3,16,16]", "data.num_samples=400", "data.batch_size=32",
        "data.eval_batch_size=64", "optim=sgd", "trainer.max_steps=6", "seed=1")
 
