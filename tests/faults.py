@@ -110,7 +110,6 @@ def install() -> None:
 
         trainer.Trainer.fit = dumping_fit
 
-
     if os.environ.get("DTRAIN_LIST_THREADS"):
         from pathlib import Path
 
