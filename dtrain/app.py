@@ -11,10 +11,11 @@ torn down, and every error becomes one line naming the rank and an exit code (`e
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig
 
@@ -56,10 +57,33 @@ def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) ->
             # loader) die before the group is torn down.
             return exit_code(run, world, cfg.dist.timeout_s)
 
+    code = EXIT_FAILED
     try:
-        return exit_code(setup_and_run, w.from_launcher())
+        code = exit_code(setup_and_run, w.from_launcher())
+        return code
     finally:
         logs.close_console()
+        record_exit_code(code)
+
+
+EXIT_CODE_DIR = "DTRAIN_EXIT_CODE_DIR"  # set by dtrain.launch: where each worker leaves its exit code
+
+
+def record_exit_code(code: int, env: Mapping[str, str] = os.environ) -> None:
+    """Leave this rank's exit code where dtrain.launch reads it after a stop signal (the agent that
+    forwards the signal does not report the workers' own codes)."""
+    if env.get(EXIT_CODE_DIR):
+        with contextlib.suppress(OSError):
+            Path(env[EXIT_CODE_DIR], f"rank{w.from_launcher(env).rank}").write_text(str(code))
+
+
+def read_exit_codes(folder: Path) -> dict[int, int]:
+    """{rank: exit code} of the workers that left one in `folder`."""
+    codes = {}
+    for f in folder.glob("rank*"):
+        with contextlib.suppress(OSError, ValueError):
+            codes[int(f.name.removeprefix("rank"))] = int(f.read_text())
+    return codes
 
 
 def exit_code(fn: Callable[[], int | None], world: w.World, timeout_s: float = 0) -> int:

@@ -10,6 +10,7 @@ imagefolder): importing it costs seconds at every process start.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import zlib
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from dtrain import augment
+from dtrain import augment, signals
 from dtrain import world as w
 from dtrain.augment import Augment
 from dtrain.config import Config, DataConfig, DataPath
@@ -472,10 +473,24 @@ class TrainSampler(Sampler[int]):
 
 class StreamLoader(DataLoader):
     """The DataLoader path, for data that does not live on the device (imagefolder): worker processes,
-    pinned memory and prefetching from data.* keys; `set_position` as DeviceLoader has it."""
+    pinned memory and prefetching from data.* keys; `set_position` as DeviceLoader has it. Its workers
+    ignore the stop signals a cluster sends to the whole process group (see dtrain.signals)."""
+
+    def __init__(self, *args, worker_init_fn: Optional[Callable[[int], None]] = None, **kwargs):
+        super().__init__(*args, worker_init_fn=functools.partial(_init_worker, worker_init_fn), **kwargs)
 
     def set_position(self, epoch: int, global_samples_done: int) -> None:
         self.sampler.set_position(epoch, global_samples_done)
+
+    def __iter__(self):
+        with signals.blocked_in_children():  # workers (if any) are started here
+            return super().__iter__()
+
+
+def _init_worker(then: Optional[Callable[[int], None]], worker_id: int) -> None:
+    signals.ignore_in_worker()
+    if then is not None:
+        then(worker_id)
 
 
 class DeviceLoader:

@@ -20,10 +20,12 @@ Ctrl-C after a checkpoint. SIGTERM, SIGUSR1 and Ctrl-C sent to the launcher reac
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
-import time
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,52 +126,75 @@ def exit_code(codes: Mapping[int, int]) -> tuple[int, str]:
 def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # torch's agent turns the signals it handles into a SignalException, on which it sends that same
     # signal to every worker and waits for them. It handles SIGTERM and SIGINT by default; SIGUSR1
     # (SLURM's usual warning) is added by handling all three here and raising what the agent expects.
-    received: dict[str, float] = {}
+    received: dict[str, int] = {}
 
     def forward(signum, frame):
-        if "at" in received:  # a second signal (Ctrl-C again): stop the workers at once
+        if "signum" not in received:
+            received["signum"] = signum
+            raise SignalException(f"dtrain.launch got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+        if signum == signal.SIGINT:  # Ctrl-C again: stop the workers at once
             w.kill_children(signal.SIGKILL)
             raise KeyboardInterrupt
-        received.update(at=time.time(), signum=signum)
-        raise SignalException(f"dtrain.launch got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+        # A repeated SIGTERM/SIGUSR1 (a scheduler insisting) changes nothing: the workers are saving.
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, forward)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what happened
+    timeout = int(math.ceil(cfg.dist.timeout_s))
     launch = LaunchConfig(min_nodes=p.nnodes, max_nodes=p.nnodes, nproc_per_node=p.nproc_per_node,
                           run_id=p.rdzv_id, rdzv_backend="c10d", rdzv_endpoint=p.rdzv_endpoint,
+                          # a rendezvous that cannot form (a peer missing, a port held by something
+                          # that is not a rendezvous store) fails within dist.timeout_s, never hangs
+                          rdzv_configs={"join_timeout": timeout, "read_timeout": timeout},
                           max_restarts=cfg.launcher.max_restarts, monitor_interval=cfg.launcher.monitor_interval,
                           start_method="spawn", shutdown_timeout=int(cfg.trainer.stop_grace_s) + 10,
                           signals_to_handle="SIGHUP,SIGQUIT")  # TERM, INT and USR1 are ours (`forward`)
+    # Each worker leaves its own exit code here (app.start): after a stop signal the verdict comes from
+    # the workers themselves, not from whatever files the run folder holds.
+    codes_dir = Path(tempfile.mkdtemp(prefix="dtrain-launch-"))
+    os.environ[app.EXIT_CODE_DIR] = str(codes_dir)
     try:
         elastic_launch(launch, sys.executable)(*WORKER, *argv)
         return 0
     except ChildFailedError as e:
         code, why = exit_code({rank: f.exitcode for rank, f in e.failures.items()})
     except SignalException:
-        # The workers were sent the signal and have exited; they stopped cleanly if they saved a
-        # checkpoint after it arrived.
-        code, why = stopped_code(run_dir, received)
-    except KeyboardInterrupt:  # a second signal: the workers were killed without finishing their step
+        code, why = stopped_code(app.read_exit_codes(codes_dir), p.nproc_per_node, received["signum"])
+    except KeyboardInterrupt:  # Ctrl-C twice: the workers were killed without finishing their step
         code, why = EXIT_INTERRUPTED, "interrupted; the workers were stopped at once"
+    except RendezvousError as e:
+        code, why = EXIT_BAD_INPUT, rendezvous_failure(p.rdzv_endpoint, cfg.dist.timeout_s, e)
+    finally:
+        shutil.rmtree(codes_dir, ignore_errors=True)
     if why:
         print(f"dtrain.launch: {why}", file=sys.stderr, flush=True)
     return code
 
 
-def stopped_code(run_dir: Path, received: dict) -> tuple[int, str]:
-    """After a stop signal: the workers' own code (75, or 130 for Ctrl-C) if they saved a checkpoint after
-    it arrived, else 128 + the signal, as a process killed by it."""
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.exists() and latest.stat().st_mtime >= received["at"] - 1:
-        return (EXIT_INTERRUPTED if received["signum"] == signal.SIGINT else EXIT_PREEMPTED), ""
-    name = signal.Signals(received["signum"]).name
-    return 128 + received["signum"], f"stopped by {name}; the workers saved no checkpoint after it"
+def rendezvous_failure(endpoint: str, timeout_s: float, e: BaseException) -> str:
+    detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return (f"error: the rendezvous at launcher.rdzv_endpoint={endpoint} did not form within dist.timeout_s="
+            f"{timeout_s:g} ({type(e).__name__}: {detail}); check that the port is free on the first node "
+            "and that every node can reach it, or leave launcher.rdzv_endpoint unset on one node")
+
+
+def stopped_code(codes: Mapping[int, int], workers: int, signum: int) -> tuple[int, str]:
+    """After a stop signal, the job's code from the exit codes this node's `workers` left: theirs when
+    every one of them exited on its own (75 or 130 only if each saved a checkpoint after the signal;
+    1 if one crashed), else 128 + the signal, as a process killed by it."""
+    name = signal.Signals(signum).name
+    if len(codes) < workers:
+        return 128 + signum, (f"stopped by {name}; {workers - len(codes)} of {workers} worker(s) did not exit "
+                              "on their own, so no checkpoint after the signal can be trusted")
+    if set(codes.values()) == {128 + signum}:  # checkpointing was off: the workers said so
+        return 128 + signum, ""
+    return exit_code(codes)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

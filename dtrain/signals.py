@@ -1,26 +1,56 @@
 """Stop signals. SIGTERM/SIGUSR1/SIGUSR2 (how SLURM, submitit and torchrun announce preemption or
 teardown) and a first Ctrl-C (SIGINT) are recorded for the training loop to act on at its next step: it
 checkpoints and exits (75, or 130 after Ctrl-C). A second Ctrl-C stops at once. A handler that was
-installed before dtrain's (submitit's, which requeues the job) gets the signal once the checkpoint is saved."""
+installed before dtrain's (submitit's, which requeues the job) gets the signal once the checkpoint is saved.
+
+Clusters, `timeout`, terminals and container runtimes signal the whole process group, DataLoader workers
+included. Workers must neither die of these signals (the trainer would fail with "DataLoader worker ...
+killed by signal" instead of saving) nor act on them: they are forked with the signals blocked
+(`blocked_in_children`) and ignore them from their first instruction (`ignore_in_worker`); the trainer
+shuts them down itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def blocked_in_children() -> Iterator[None]:
+    """Block the stop signals in this thread while child processes are started: a child inherits the
+    mask, so a signal sent to the group while it starts stays pending until it has set them to be
+    ignored (then it is dropped). This process still gets them: the kernel hands a process-wide signal
+    to a thread that does not block it, and Python runs the handler in the main thread as usual."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_in_worker() -> None:
+    """In a data worker process: ignore the stop signals (the trainer acts on them), then unblock them."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class StopSignal:
     """Records the first stop signal. A rank stuck where the loop cannot act (a collective whose peer
     died) would never get there, so the first signal also arms a watchdog that exits after `grace_s`."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, grace_s: float):
         self.received: Optional[int] = None

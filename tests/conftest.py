@@ -114,3 +114,69 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Live:
+    """A dtrain command running in its own session (as under SLURM, `timeout`, a terminal or a container
+    runtime), so a signal can be sent to its whole process group, DataLoader workers included."""
+
+    def __init__(self, *args: str, cwd: Path = ROOT, env: dict | None = None):
+        import threading
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env={**CHILD_ENV, **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                         for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        """Until `text` appears in stdout or stderr (fails if the process ends first or time runs out)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.out + self.err):
+            assert self.proc.poll() is None, f"ended before printing {text!r}: {self}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s: {self}"
+            time.sleep(0.05)
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            raise AssertionError(f"still running {timeout} s later: {self}") from None
+        for t in self._threads:
+            t.join(5)
+        return code
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def __repr__(self) -> str:
+        return f"Live(code={self.proc.poll()})\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-5000:]}"
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 20, size=(40, 30)) -> Path:
+    """root/train/<class>/<i>.png: small RGB PNGs whose colour depends on the class (learnable)."""
+    from PIL import Image
+    for c, label in enumerate(classes):
+        folder = root / "train" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", size, (i * 10 % 256, 80 + 120 * c, 50)).save(folder / f"{i}.png")
+    return root

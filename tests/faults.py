@@ -5,7 +5,8 @@
 
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
 SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
-through writing the checkpoint of step STEP; `enospc` fails that write as a full disk would. Faults fire only in torchrun's first
+through writing the checkpoint of step STEP (inside the real atomic write); `enospc` fails that write as a
+full disk would; `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt. DTRAIN_LIST_THREADS=DIR writes the
@@ -69,16 +70,31 @@ def install() -> None:
             def dying_write(path, write):
                 if path.name != f"step-{int(step):08d}.pt":
                     return original_write(path, write)
-                buf = io.BytesIO()
-                write(buf)
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                with open(tmp, "wb") as f:  # half the file reaches the disk, then the process dies
+
+                def half_then_die(f):  # inside the real write: half the file reaches the disk, then death
+                    buf = io.BytesIO()
+                    write(buf)
                     f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
                     f.flush()
                     os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                return original_write(path, half_then_die)
 
             checkpoint._atomic_write = dying_write
+
+        if action in ("crashstop", "slowstop"):  # a rank that crashes, or takes its time, saving on a stop signal
+            from dtrain import checkpoint
+            original_stop = checkpoint.Checkpointer.save_on_stop
+
+            def faulty_stop(self, *args, **kwargs):
+                if self.world.rank == int(rank):
+                    if action == "crashstop":
+                        raise RuntimeError("injected crash while stopping")
+                    time.sleep(30)
+                return original_stop(self, *args, **kwargs)
+
+            checkpoint.Checkpointer.save_on_stop = faulty_stop
 
     if os.environ.get("DTRAIN_FAULT_COUNT_ALLREDUCE"):
         original_init = trainer.Trainer.__init__
@@ -97,7 +113,6 @@ def install() -> None:
             self.net.register_comm_hook(None, hook)
 
         trainer.Trainer.__init__ = counting_init
-
 
     if os.environ.get("DTRAIN_DUMP_STATE"):
         original_fit = trainer.Trainer.fit

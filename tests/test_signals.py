@@ -1,0 +1,99 @@
+"""Signals as clusters send them: SLURM's scancel, `timeout`, systemd, container runtimes and a terminal's
+Ctrl-C signal the whole process group, DataLoader workers included. The trainer saves and exits 75 (130
+for Ctrl-C); its workers neither die of the signal nor act on it; the launcher's verdict is the workers'
+own, never a guess from the files in the run folder."""
+
+import signal
+
+import pytest
+
+from conftest import FAULTS, Live, write_image_folder
+
+STREAMED = ("model=mlp", "data=imagefolder", "data.num_workers=2", "data.batch_size=4", "data.eval_batch_size=8",
+            "data.image_size=16", "trainer.epochs=25", "trainer.log_every_n_steps=1", "logger.progress_bar=false",
+            "logger.plots=false")
+
+
+def streamed(tmp_path, *extra: str, launch: int = 0, fault: str = "") -> Live:
+    data = write_image_folder(tmp_path / "images")
+    overrides = (*STREAMED, f"data.root={data}", f"hydra.run.dir={tmp_path / 'run'}", *extra)
+    if launch:
+        target = (FAULTS, "--launch") if fault else ("-m", "dtrain.launch")
+        overrides = (f"launcher.nproc_per_node={launch}", *overrides)
+    else:
+        target = (FAULTS,) if fault else ("-m", "dtrain")
+    return Live(*target, *overrides, env={"DTRAIN_FAULT": fault} if fault else None)
+
+
+def latest(tmp_path) -> int:
+    return int((tmp_path / "run" / "checkpoints" / "latest").read_text().removeprefix("step-").removesuffix(".pt"))
+
+
+def test_sigterm_to_the_process_group_saves_and_exits_75_although_data_loader_workers_got_it_too(tmp_path):
+    job = streamed(tmp_path)
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGTERM)
+    assert job.finish() == 75, job
+    assert "DataLoader worker" not in job.stderr and "Traceback" not in job.stderr, job
+    assert job.stdout.count("stopped by SIGTERM after step") == 1, job
+    assert latest(tmp_path) >= 3
+
+
+def test_ctrl_c_to_the_process_group_says_so_once_and_saves(tmp_path):
+    job = streamed(tmp_path)
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGINT)
+    assert job.finish() == 130, job
+    assert job.stderr.count("Ctrl-C: stopping after this step") == 1, job  # not once more per worker
+    assert "Traceback" not in job.stderr, job
+    assert latest(tmp_path) >= 3
+
+
+def test_sigusr1_to_the_process_group_saves_and_exits_75(tmp_path):
+    job = streamed(tmp_path)  # SIGUSR1's default action would end a worker that does not ignore it
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGUSR1)
+    assert job.finish() == 75, job
+    assert "DataLoader worker" not in job.stderr, job
+
+
+@pytest.mark.slow
+def test_the_launcher_signalled_as_a_group_stops_its_streaming_workers_with_a_checkpoint(tmp_path):
+    job = streamed(tmp_path, launch=2)
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGTERM)
+    assert job.finish() == 75, job
+    assert "DataLoader worker" not in job.stderr and "Traceback" not in job.stderr, job
+    assert job.stdout.count("checkpoint saved; exiting with 75") == 1, job
+    assert latest(tmp_path) >= 3
+
+
+@pytest.mark.slow
+def test_the_launcher_reports_workers_that_crashed_while_stopping_even_after_a_fresh_checkpoint(tmp_path):
+    # Every step saves, so `latest` moves after the signal; the workers then crash instead of stopping.
+    job = streamed(tmp_path, "checkpoint.every_n_steps=1", launch=2, fault="crashstop:0:0")
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGTERM)
+    assert job.finish() == 1, job
+    assert "injected crash while stopping" in job.stderr, job
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_to_the_launcher_lets_the_workers_finish_saving(tmp_path):
+    job = streamed(tmp_path, launch=2)
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGTERM)
+    job.signal_group(signal.SIGTERM)  # a scheduler insisting is not a second Ctrl-C
+    assert job.finish() == 75, job
+    assert latest(tmp_path) >= 3
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_to_the_launcher_stops_the_workers_at_once(tmp_path):
+    job = streamed(tmp_path, "trainer.stop_grace_s=60", launch=2, fault="slowstop:0:0")
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGINT)
+    job.wait_for("Ctrl-C: stopping after this step")
+    job.signal_group(signal.SIGINT)
+    assert job.finish(timeout=30) == 130, job
+    assert "interrupted; the workers were stopped at once" in job.stderr, job
