@@ -119,6 +119,10 @@ class Model:
         images = self.info["images"]
         if images and x.dtype == torch.uint8:
             x = x / 255
+        elif images and x.numel() and not (x.min() >= 0 and x.max() <= 1):  # NaN fails too
+            raise BadInput(f"float image inputs must be pixels scaled to 0..1, but these range from "
+                           f"{float(x.min()):.4g} to {float(x.max()):.4g}; give uint8 pixels (0..255) or divide "
+                           "them by 255")
         x = x.float()
         if self.info["mean"] is not None:
             shape = (-1, 1, 1) if images else (-1,)  # per channel, or per feature

@@ -384,8 +384,19 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
             _fail(f"data.{key}", value, "one number per channel" + (", all > 0" if key == "std" else ""))
     if cfg.trainer.device not in ("auto", "cpu", "cuda") and not cfg.trainer.device.startswith("cuda:"):
         _fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
+    _check_endpoint(cfg.launcher.rdzv_endpoint)
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         _fail("resume", cfg.resume, "auto, last, none or the path of a checkpoint file")
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """launcher.rdzv_endpoint: empty, or HOST:PORT with a port number (0: any free port)."""
+    if not endpoint:
+        return
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        _fail("launcher.rdzv_endpoint", endpoint, "HOST:PORT with a port number 0..65535 (e.g. node0:29500), or "
+              "empty for this host on a free port")
 
 
 def _check_csv(cfg: DataConfig) -> None:

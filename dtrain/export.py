@@ -3,13 +3,14 @@
 - onnx: opset 18 via torch.export, with a dynamic batch dimension (input "input", output "output"). After
   writing, the file is loaded in onnxruntime and its outputs compared with PyTorch's on a real batch (the
   validation data where it can be read, else random inputs); the largest difference is printed, and an
-  export that differs by more than 1e-3 fails.
+  export that differs by more than 1e-3 fails. A model under 2 GB is one self-contained .onnx file; a
+  larger one (beyond protobuf's 2 GB limit) keeps its weights beside it in PATH.data, named on the last line.
 - torchscript: torch.jit.trace; loaded back and checked the same way.
 - state_dict: the plain model weights (`torch.save(model.state_dict())`), which load with
   `model.load_state_dict(torch.load(PATH))` into the model class, no dtrain trainer state.
 The input the exported model takes is the preprocessed one (normalised floats); the preprocessing itself
 (mean, std, shape, classes) is written beside it as PATH.json. An existing `out` is never overwritten
-unless overwrite=true.
+unless overwrite=true: every file an export would write is checked before any is written.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dtrain.errors import BadInput, ConfigError
 
 FORMATS = ("onnx", "torchscript", "state_dict")
 TOLERANCE = 1e-3
+ONNX_SINGLE_FILE_BYTES = 2**31 - 2**27  # protobuf's 2 GB limit, less room for the graph itself
 
 
 def example_batch(model, n: int = 8) -> torch.Tensor:
@@ -44,15 +46,17 @@ def example_batch(model, n: int = 8) -> torch.Tensor:
 def export(model, fmt: str, out: Path, overwrite: bool = False) -> dict:
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not allowed: choose one of {', '.join(FORMATS)}")
-    for path in (out, out.with_name(out.name + ".json")):
-        if path.exists() and not overwrite:
-            raise BadInput(f"{path} exists; choose another out= or set overwrite=true")
     if not out.parent.is_dir():
         raise BadInput(f"out={out}: the folder {out.parent} does not exist")
+    side_file = fmt == "onnx" and weight_bytes(model.net) > ONNX_SINGLE_FILE_BYTES
+    writes = [out, out.with_name(out.name + ".json"), *([out.with_name(out.name + ".data")] if side_file else [])]
+    for path in writes:
+        if path.exists() and not overwrite:
+            raise BadInput(f"{path} exists; choose another out= or set overwrite=true")
     net, x = model.net.eval(), example_batch(model)
     with torch.no_grad():
         expected = net(x).float().cpu()
-    result = {"format": fmt, "out": str(out), "batch": len(x)}
+    result = {"format": fmt, "out": str(out), "batch": len(x), "files": [str(p) for p in writes]}
     if fmt == "state_dict":
         torch.save(net.state_dict(), out)
     elif fmt == "torchscript":
@@ -62,7 +66,7 @@ def export(model, fmt: str, out: Path, overwrite: bool = False) -> dict:
             got = torch.jit.load(str(out), map_location=model.device)(x[:3]).float().cpu()
         result["max_abs_diff"] = float((got - expected[:3]).abs().max())
     else:
-        result["max_abs_diff"] = _onnx(net, x, out, expected)
+        result["max_abs_diff"] = _onnx(net, x, out, expected, side_file)
     if result.get("max_abs_diff", 0) > TOLERANCE:
         raise RuntimeError(f"the exported {fmt} model differs from PyTorch by {result['max_abs_diff']:.2e} "
                            f"(> {TOLERANCE}); {out} was written but should not be used")
@@ -71,7 +75,11 @@ def export(model, fmt: str, out: Path, overwrite: bool = False) -> dict:
     return result
 
 
-def _onnx(net: torch.nn.Module, x: torch.Tensor, out: Path, expected: torch.Tensor) -> float:
+def weight_bytes(net: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+
+
+def _onnx(net: torch.nn.Module, x: torch.Tensor, out: Path, expected: torch.Tensor, side_file: bool) -> float:
     try:
         import onnxruntime
     except ImportError:
@@ -79,7 +87,7 @@ def _onnx(net: torch.nn.Module, x: torch.Tensor, out: Path, expected: torch.Tens
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (x,), str(out), input_names=["input"], output_names=["output"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True)
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=side_file)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     odd = x[:3].cpu().numpy()  # another batch size than the one traced: the batch dimension is dynamic
     got = torch.from_numpy(session.run(None, {"input": odd})[0])
@@ -92,7 +100,9 @@ def run(args: dict) -> None:
     runtime = {"onnx": "onnxruntime", "torchscript": "the reloaded TorchScript"}.get(result["format"])
     check = f"; {runtime} output within {result['max_abs_diff']:.1e} of PyTorch's on a batch of " \
             f"{result['batch']} (tolerance {TOLERANCE:g})" if runtime else ""
-    print(f"wrote {result['out']} ({result['format']}){check}; its preprocessing in {result['out']}.json")
+    weights = f"; its weights in {result['out']}.data (keep it beside the .onnx file)" \
+        if f"{result['out']}.data" in result["files"] else ""
+    print(f"wrote {result['out']} ({result['format']}){check}; its preprocessing in {result['out']}.json{weights}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,19 +19,23 @@ Ctrl-C after a checkpoint. SIGTERM, SIGUSR1 and Ctrl-C sent to the launcher reac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 from dtrain import app, config
 from dtrain import world as w
@@ -99,6 +103,81 @@ def plan(cfg: Config, env: Mapping[str, str] = os.environ) -> Plan:
     return Plan(nproc, nnodes, endpoint or "localhost:0", rdzv_id, run_id)
 
 
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); config.validate has checked the form."""
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_rendezvous(p: Plan, timeout_s: float) -> None:
+    """An endpoint that cannot work is one line before any worker starts, never a hang: a host that does
+    not resolve; on one node (where the launcher hosts the rendezvous store) a port something else holds;
+    on several nodes, an endpoint where no rendezvous store answers within dist.timeout_s."""
+    host, port = split_endpoint(p.rdzv_endpoint)
+    key = f"launcher.rdzv_endpoint={p.rdzv_endpoint}"
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as e:
+        raise ConfigError(f"{key}: the host {host!r} cannot be resolved ({e.strerror or e}); give a host name or "
+                          "address every node can reach") from None
+    if port == 0:  # a free port, picked when the store starts
+        return
+    if p.nnodes == 1 or _is_this_host(host):
+        problem = _port_taken(port)
+        if problem is None:
+            return  # the store will be ours
+        if p.nnodes == 1:
+            raise ConfigError(f"{key}: port {port} is in use on this host ({problem}); choose a free port, or "
+                              "leave launcher.rdzv_endpoint unset and a free one is picked")
+    _probe_store(host, port, timeout_s, key)
+
+
+def _is_this_host(host: str) -> bool:
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname  # what c10d's rendezvous uses
+    return _matches_machine_hostname(host)
+
+
+def _port_taken(port: int) -> Optional[str]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds: TIME_WAIT is no obstacle
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _probe_store(host: str, port: int, timeout_s: float, key: str) -> None:
+    """Wait until a rendezvous store answers at host:port. torch's store client waits forever on a port
+    held by something that accepts connections but is not a store, so it runs in a thread we stop
+    waiting for."""
+    import datetime
+    import threading
+    deadline = time.monotonic() + timeout_s
+    while True:  # first until anything accepts (the first node may start later than this one)
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())).close()
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"{key}: nothing answered within dist.timeout_s={timeout_s:g}; start the first "
+                                  "node (or check the address), then this one") from None
+            time.sleep(0.5)
+    answered: list[bool] = []
+
+    def connect() -> None:
+        with contextlib.suppress(Exception):
+            dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+            answered.append(True)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(max(1.0, deadline - time.monotonic()))
+    if not answered:
+        raise ConfigError(f"{key}: something accepts connections there but no rendezvous store answered within "
+                          f"dist.timeout_s={timeout_s:g} (another program holds the port?); choose another port")
+
+
 def check(cfg: Config, p: Plan) -> None:
     """What the workers would refuse, refused before any starts."""
     cuda = cfg.trainer.device.startswith("cuda") or cfg.trainer.device == "auto" and torch.cuda.is_available()
@@ -106,6 +185,8 @@ def check(cfg: Config, p: Plan) -> None:
         raise ConfigError(f"launcher.nproc_per_node={p.nproc_per_node} but this node has "
                           f"{torch.cuda.device_count()} CUDA device(s); launch at most one process per GPU")
     config.check_world(cfg, w.World(world_size=p.world_size, device=torch.device("cuda" if cuda else "cpu")))
+    if p.world_size > 1:
+        check_rendezvous(p, cfg.dist.timeout_s)
 
 
 def exit_code(codes: Mapping[int, int]) -> tuple[int, str]:
@@ -178,9 +259,10 @@ def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
 
 
 def rendezvous_failure(endpoint: str, timeout_s: float, e: BaseException) -> str:
-    detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    detail = (str(e).splitlines() or [""])[0][:200]
+    detail = f": {detail}" if detail and detail != type(e).__name__ else ""
     return (f"error: the rendezvous at launcher.rdzv_endpoint={endpoint} did not form within dist.timeout_s="
-            f"{timeout_s:g} ({type(e).__name__}: {detail}); check that the port is free on the first node "
+            f"{timeout_s:g} ({type(e).__name__}{detail}); check that the port is free on the first node "
             "and that every node can reach it, or leave launcher.rdzv_endpoint unset on one node")
 
 

@@ -114,8 +114,7 @@ def predict(model, path: Path, topk: int = 5) -> list[dict]:
 
 
 def write_csv(rows: list[dict], out: Path) -> None:
-    if out.exists():
-        raise BadInput(f"out={out} exists; choose another file (dtrain does not overwrite it)")
+    check_out(out)
     with open(out, "x", newline="") as f:
         writer = csv.writer(f)
         if "top" in rows[0]:
@@ -127,14 +126,24 @@ def write_csv(rows: list[dict], out: Path) -> None:
             writer.writerows([r["input"], *r["prediction"]] for r in rows)
 
 
+def check_out(out: Path) -> None:
+    """Before predicting: the CSV can be written (its folder exists) and writes over nothing."""
+    if out.exists():
+        raise BadInput(f"out={out} exists; choose another file (dtrain does not overwrite it)")
+    if not out.parent.is_dir():
+        raise BadInput(f"out={out}: the folder {out.parent} does not exist; create it or choose another out=")
+
+
 def run(args: dict) -> None:
     from dtrain import api
+    out = args["out"] or ("predictions.csv" if Path(args["input"]).is_dir() else "")
+    if out:
+        check_out(Path(out))
     rows = predict(api.load_model(args["ckpt"], args["device"]), Path(args["input"]), args["topk"])
     for r in rows:
         shown = ", ".join(f"{c} {p:.4f}" for c, p in r["top"]) if "top" in r else \
             ", ".join(f"{v:.6g}" for v in r["prediction"])
         print(f"{r['input']}: {shown}")
-    out = args["out"] or ("predictions.csv" if Path(args["input"]).is_dir() else "")
     if out:
         write_csv(rows, Path(out))
         print(f"wrote {out}")

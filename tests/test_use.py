@@ -93,6 +93,37 @@ def test_export_refuses_an_unknown_format_an_existing_file_and_a_file_that_is_no
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a checkpoint" in proc.stderr
 
 
+def test_an_onnx_export_is_one_file_and_writes_over_no_file_of_the_users(tmp_path, mnist_ckpt):
+    (tmp_path / "y.onnx.data").write_text("data")  # the user's, named like an external-weights file
+    (tmp_path / "y.onnx.json").write_text("mine")
+    with pytest.raises(BadInput, match="y.onnx.json exists"):  # checked before anything is written
+        api.export(mnist_ckpt, "onnx", tmp_path / "y.onnx")
+    assert not (tmp_path / "y.onnx").exists() and (tmp_path / "y.onnx.json").read_text() == "mine"
+    (tmp_path / "y.onnx.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "dtrain.export", f"ckpt={mnist_ckpt}", "format=onnx",
+                           f"out={tmp_path / 'y.onnx'}"], env=CHILD_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "y.onnx.data").read_text() == "data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.onnx", "y.onnx.data", "y.onnx.json"]
+    import onnx  # the weights are inside the one file: it loads with nothing beside it
+    moved = tmp_path / "alone"
+    moved.mkdir()
+    (tmp_path / "y.onnx").rename(moved / "y.onnx")
+    onnx.checker.check_model(onnx.load(str(moved / "y.onnx")), full_check=True)
+    assert ".data" not in proc.stdout
+
+
+def test_an_onnx_export_too_large_for_one_file_checks_and_names_its_weights_file(tmp_path, mnist_ckpt, monkeypatch):
+    from dtrain import export
+    monkeypatch.setattr(export, "ONNX_SINGLE_FILE_BYTES", 1000)  # as if the model were over 2 GB
+    (tmp_path / "big.onnx.data").write_text("data")
+    with pytest.raises(BadInput, match="big.onnx.data exists"):
+        api.export(mnist_ckpt, "onnx", tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").read_text() == "data" and not (tmp_path / "big.onnx").exists()
+    result = api.export(mnist_ckpt, "onnx", tmp_path / "ok.onnx")
+    assert str(tmp_path / "ok.onnx.data") in result["files"] and (tmp_path / "ok.onnx.data").stat().st_size > 1000
+
+
 # -- predict ---------------------------------------------------------------------------------------
 
 def test_predict_reads_image_files_a_folder_and_tensor_files_with_the_training_preprocessing(tmp_path, mnist_ckpt):
@@ -132,6 +163,23 @@ def test_predict_names_an_input_of_the_wrong_size_channels_or_kind(tmp_path, mni
     proc = subprocess.run([sys.executable, "-m", "dtrain.predict", f"ckpt={mnist_ckpt}", f"input={path}"],
                           cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_predict_checks_where_its_csv_goes_before_predicting(tmp_path, mnist_ckpt):
+    np.save(tmp_path / "x.npy", sample_images(2)[0].numpy())
+    proc = subprocess.run([sys.executable, "-m", "dtrain.predict", f"ckpt={mnist_ckpt}", f"input={tmp_path / 'x.npy'}",
+                           f"out={tmp_path / 'nodir' / 'x.csv'}"], env=CHILD_ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "the folder" in proc.stderr and "nodir does not exist" in proc.stderr and proc.stdout == ""
+
+
+def test_predict_refuses_float_images_outside_0_to_1(tmp_path, mnist_ckpt):
+    images = sample_images(2)[0].float()  # 0..255 as floats: the classic slip
+    with pytest.raises(BadInput, match="float image inputs must be pixels scaled to 0..1, but these range from 0 to 255"):
+        api.load_model(mnist_ckpt).predict(images)
+    torch.testing.assert_close(api.load_model(mnist_ckpt).predict(images / 255),
+                               api.load_model(mnist_ckpt).predict(images.to(torch.uint8)))
 
 
 def test_a_checkpoint_without_its_stored_preprocessing_gets_it_from_its_data_config(tmp_path, mnist_ckpt):
