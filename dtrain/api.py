@@ -53,6 +53,7 @@ def train(*overrides: str) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from dtrain import rundir
     from dtrain.rundir import RunDir
     full = compose(*overrides, hydra=True)
     HydraConfig.instance().set_config(full)
@@ -60,6 +61,7 @@ def train(*overrides: str) -> dict:
     with open_dict(dcfg):
         del dcfg["hydra"]
     run = RunDir(Path(full.hydra.run.dir), w.from_launcher())
+    rundir.check_creatable(run.path)
     run.path.mkdir(parents=True, exist_ok=True)
     result: list[dict] = []
     code = app.start(lambda: app.make_config(dcfg),

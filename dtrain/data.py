@@ -262,7 +262,7 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
     train_tf, eval_tf = v2.Compose(resize + one + [to_float]), v2.Compose(resize + [to_float])
 
     def folder(name: str, tf) -> Optional[ImageFolder]:
-        return ImageFolder(str(root / name), transform=tf) if (root / name).is_dir() else None
+        return ImageFolder(str(root / name), transform=tf, loader=read_rgb) if (root / name).is_dir() else None
 
     try:
         train = folder("train", train_tf)
@@ -271,11 +271,22 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         raise DataError(f"data=imagefolder: {e}; put images in {root}/train/<class>/") from e
     if val is None:  # carve val out of train, seen through the eval transform
         tr, va = _split(len(train), cfg)
-        val = Subset(ImageFolder(str(root / "train"), transform=eval_tf), va.tolist())
+        val = Subset(ImageFolder(str(root / "train"), transform=eval_tf, loader=read_rgb), va.tolist())
         train = Subset(train, tr.tolist())
     names = folder("train", None).classes
     return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), len(names), names,
                   to_float, cfg.image_size)
+
+
+def read_rgb(path: str):
+    """One image file as an RGB PIL image; a file PIL cannot read is a DataError naming it."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        raise DataError(f"data=imagefolder: {path} is not a readable image ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); remove or replace it") from None
 
 
 def synthetic(cfg: DataConfig, world: w.World) -> Splits:
@@ -484,7 +495,16 @@ class StreamLoader(DataLoader):
 
     def __iter__(self):
         with signals.blocked_in_children():  # workers (if any) are started here
-            return super().__iter__()
+            batches = super().__iter__()
+        return _worker_errors_in_one_line(batches)
+
+
+def _worker_errors_in_one_line(batches):
+    """A DataError raised in a worker arrives wrapped in the worker's traceback; keep its own line."""
+    try:
+        yield from batches
+    except DataError as e:
+        raise DataError(str(e).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def _init_worker(then: Optional[Callable[[int], None]], worker_id: int) -> None:

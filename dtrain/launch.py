@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from dtrain import app, config
+from dtrain import app, config, rundir
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, BadInput,
@@ -294,6 +294,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if p.world_size == 1:
         return run_here(argv)
     run_dir = Path(str(compose(argv, with_hydra=True).hydra.run.dir)).absolute()  # as the workers will name it
+    try:
+        rundir.check_creatable(run_dir)
+    except BadInput as e:
+        print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print(f"dtrain.launch: {p.nproc_per_node} process(es) x {p.nnodes} node(s), rendezvous {p.rdzv_endpoint} "
           f"id {p.rdzv_id}, run folder {run_dir}", flush=True)
     return run_workers(argv, cfg, p, run_dir)

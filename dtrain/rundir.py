@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,7 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dtrain import world as w
-from dtrain.errors import BadInput, WorldError
+from dtrain.errors import EXIT_BAD_INPUT, BadInput, WorldError
 
 # The deepest folder on the way to the run folder that existed before Hydra made it (see RecordExisting).
 _existed: dict[str, Path] = {}
@@ -75,14 +76,38 @@ def sweep_id() -> str:
     return os.environ.setdefault("DTRAIN_SWEEP_ID", w.shared_run_id())
 
 
+def check_creatable(path: Path, key: str = "hydra.run.dir") -> None:
+    """A run folder that cannot be made is a RunFolderError naming why, raised before anything is made:
+    a file where a folder must be, or a folder name longer than the file system allows."""
+    path = path.absolute()
+    existing = _deepest_existing(path)
+    if not existing.is_dir():
+        raise RunFolderError(f"{key}={path}: {existing} is a file, not a folder; choose another run folder")
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    for part in path.relative_to(existing).parts:
+        if len(part.encode()) > limit:
+            raise RunFolderError(f"{key}: the folder name {part[:24]}... is {len(part.encode())} bytes long, more "
+                                 f"than this file system allows ({limit}); choose a shorter name= or {key}=")
+
+
 class RecordExisting(Callback):
-    """Hydra callback: before Hydra makes the run (or sweep) folder, remember what already existed."""
+    """Hydra callback: before Hydra makes the run (or sweep) folder, check it can be made (else one line
+    and exit 2, as for any bad input) and remember what already existed."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _existed["run"] = _deepest_existing(Path(config.hydra.run.dir))
+        _existed["run"] = _checked(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _existed["run"] = _deepest_existing(Path(config.hydra.sweep.dir))
+        _existed["run"] = _checked(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _checked(path: Path, key: str) -> Path:
+    try:
+        check_creatable(path, key)
+    except RunFolderError as e:  # Hydra would print its traceback for an exception raised here
+        print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    return _deepest_existing(path)
 
 
 class RunDir:

@@ -6,8 +6,7 @@ installed before dtrain's (submitit's, which requeues the job) gets the signal o
 Clusters, `timeout`, terminals and container runtimes signal the whole process group, DataLoader workers
 included. Workers must neither die of these signals (the trainer would fail with "DataLoader worker ...
 killed by signal" instead of saving) nor act on them: they are forked with the signals blocked
-(`blocked_in_children`) and ignore them from their first instruction (`ignore_in_worker`); the trainer
-shuts them down itself."""
+(`blocked_in_children`) and drop any that does not come from their parent (`ignore_in_worker`)."""
 
 from __future__ import annotations
 
@@ -40,10 +39,19 @@ def blocked_in_children() -> Iterator[None]:
 
 
 def ignore_in_worker() -> None:
-    """In a data worker process: ignore the stop signals (the trainer acts on them), then unblock them."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    """In a data worker process, started with the stop signals blocked (`blocked_in_children`): they stay
+    blocked, and a thread takes each one as it comes. One from the parent (the loader shutting the worker
+    down, or multiprocessing at the parent's exit) ends the worker as before; any other (a signal to the
+    whole group) is dropped: the trainer acts on it and shuts its workers down itself."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    parent = os.getppid()
+
+    def take() -> None:
+        while True:
+            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take, name="dtrain-stop-signals", daemon=True).start()
 
 
 class StopSignal:

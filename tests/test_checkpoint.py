@@ -239,6 +239,22 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_from_the_saved_position(tmp_p
     assert_same_weights(final_state(two_rank_reference), final_state(resumed))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed", [(2, 4), (4, 2)])
+def test_a_checkpoint_resumed_on_another_world_size_continues_the_same_training(tmp_path, two_rank_reference,
+                                                                               saved, resumed):
+    # Stopped mid-epoch 1 at step 40 (the step-45 failure falls back to it). Any rank training other samples,
+    # weights or optimizer state than the uninterrupted run would be far beyond float tolerance here.
+    first = run_cli(tmp_path / "run", *SMALL, nproc=saved, target=(FAULTS,), env={"DTRAIN_FAULT": "raise:1:45"},
+                    timeout=300)
+    assert first.code != 0
+    run = run_cli(tmp_path / "run", *SMALL, nproc=resumed, timeout=300)
+    assert run.code == 0, run
+    assert "resumed from" in run.out and "step-00000040.pt" in run.out, run
+    assert_same_weights(final_state(two_rank_reference), final_state(run))
+    assert run.summary["val_loss"] == pytest.approx(two_rank_reference.summary["val_loss"], abs=1e-6)
+
+
 def can_mount_tmpfs() -> bool:
     probe = Path("/tmp/dtrain-tmpfs-probe")
     probe.mkdir(exist_ok=True)

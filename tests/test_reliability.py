@@ -245,6 +245,32 @@ def test_an_idx_file_with_a_garbage_header_is_a_data_error_naming_it(tmp_path):
     assert not run.dir.exists()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_in_an_image_folder_is_one_line_naming_it(tmp_path, workers):
+    from conftest import write_image_folder
+    root = write_image_folder(tmp_path / "images", per_class=6)
+    bad = root / "train" / "dog" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG, as a broken copy leaves it
+    run = run_cli(tmp_path / "run", "data=imagefolder", f"data.root={root}", f"data.num_workers={workers}",
+                  "data.batch_size=4", "data.eval_batch_size=4", "data.image_size=16", "trainer.epochs=1",
+                  "data.loader=stream")
+    assert run.code == 2, run
+    assert f"data=imagefolder: {bad} is not a readable image" in run.err, run
+    assert "Traceback" not in run.err and run.err.count("\n") == 1, run
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    for where in ("afile", "afile/sub"):
+        run = dtrain(tmp_path, f"hydra.run.dir={tmp_path / where}")
+        assert run.returncode == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in run.stderr, run.stderr
+        assert run.stderr.count("\n") == 1
+    run = dtrain(tmp_path, "name=" + "x" * 300)
+    assert run.returncode == 2 and "more than this file system allows (255); choose a shorter name=" in run.stderr
+    assert run.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "mine"
+
+
 def test_image_and_label_counts_that_differ_are_a_data_error_not_a_silent_trim(tmp_path):
     write_mnist(tmp_path / "data")
     labels = tmp_path / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte"
