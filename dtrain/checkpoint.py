@@ -207,9 +207,11 @@ class Checkpointer:
         self.best: Optional[float] = None  # the monitored value of best.pt
 
     def should_save(self, step: int, epoch: int, *, epoch_end: bool, last: bool = False) -> bool:
-        """At the end of training, every `every_n_epochs` epochs, every `every_n_steps` steps."""
-        every = self.cfg.every_n_epochs if epoch_end else self.cfg.every_n_steps
-        return self.enabled and (last or bool(every) and (epoch if epoch_end else step) % every == 0)
+        """At the end of training, every `every_n_epochs` epochs, every `every_n_steps` steps. At an epoch's
+        end both cadences count, so a step that ends an epoch is saved once, with its validation."""
+        by_step = bool(self.cfg.every_n_steps) and step % self.cfg.every_n_steps == 0
+        by_epoch = epoch_end and bool(self.cfg.every_n_epochs) and epoch % self.cfg.every_n_epochs == 0
+        return self.enabled and (last or by_step or by_epoch)
 
     def save(self, trainer: Checkpointable, step: int, val: Optional[dict] = None) -> None:
         """All ranks call this: gather every rank's RNG and sums, let the main rank write, fail together.
@@ -271,7 +273,8 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} {(str(e).splitlines() or [''])[0]}") from e
         self._check_config(state["config"], path)
         self.best = state.get("best")
-        log.info(f"resumed from {path}: epoch {state['epoch']} step {state['step']}")
+        where = f"in epoch {state['epoch'] + 1}" if state["samples_in_epoch"] else f"after epoch {state['epoch']}"
+        log.info(f"resumed from {path}: step {state['step']}, {where}")
         return state
 
     def _check_config(self, saved: dict, path: str) -> None:

@@ -45,7 +45,7 @@ def _epochs(folder: Path) -> list[dict]:
 
 
 def _series(epochs: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(e["epoch"] + 1, e[key]) for e in epochs if e.get(key) is not None]
+    points = [(e["epoch"], e[key]) for e in epochs if e.get(key) is not None]  # counted from 1
     return [p[0] for p in points], [p[1] for p in points]
 
 

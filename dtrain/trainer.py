@@ -148,6 +148,11 @@ class Trainer:
                            train_time / max(self.progress.step - first_step, 1))
 
     @property
+    def epochs_trained(self) -> int:
+        """Epochs trained, counting one that trainer.max_steps ended part-way (people count from 1)."""
+        return self.progress.epoch + (1 if self.progress.samples_in_epoch else 0)
+
+    @property
     def finished(self) -> bool:
         return self.progress.step >= self.total_steps or self.early.stopped
 
@@ -186,7 +191,7 @@ class Trainer:
                     loss = self.task.loss(out.float(), y, cfg.trainer.label_smoothing)
                 if cfg.debug.detect_anomaly and not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {p.epoch} step {p.step} batch {done - 1} "
+                        f"non-finite loss {loss.item()} at epoch {p.epoch + 1} step {p.step} batch {done - 1} "
                         f"(rank {world.rank}); debug=anomaly stopped here")
                 penalty = optim.l1_penalty(self.parameters, cfg.optim.l1)  # None unless optim.l1 > 0
                 objective = loss if penalty is None else loss + penalty
@@ -205,17 +210,18 @@ class Trainer:
                 signum = w.max_over_ranks(stop.received or 0, world.device)
                 if signum:
                     raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
-            if not self.finished and self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
+            epoch_ends = done >= self.steps_per_epoch * accum  # then the epoch's end decides, with validation
+            if not self.finished and not epoch_ends and self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self, p.step)
         return {**self.task.reduce(self.epoch_sums.value()), "complete": done >= self.steps_per_epoch * accum}
 
     def log_step(self, loss: float, **extra: float) -> None:
         p = self.progress
         if not math.isfinite(loss):  # DDP averages gradients, so every rank's loss turns non-finite together
-            raise FloatingPointError(f"the training loss is {loss} at epoch {p.epoch} step {p.step} (rank "
+            raise FloatingPointError(f"the training loss is {loss} at epoch {p.epoch + 1} step {p.step} (rank "
                                      f"{self.world.rank}); lower optim.lr, set trainer.grad_clip, or find the first "
                                      "bad batch with debug=anomaly")
-        self.metrics.step({"epoch": p.epoch, "step": p.step, "loss": loss, **extra,
+        self.metrics.step({"epoch": p.epoch + 1, "step": p.step, "loss": loss, **extra,
                            "lr": self.scheduler.get_last_lr()[0]})
 
     def optimizer_step(self) -> None:
@@ -236,7 +242,7 @@ class Trainer:
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
         penalty = optim.l1_penalty(self.parameters, self.cfg.optim.l1)
-        self.last_metrics = {"epoch": self.progress.epoch, "step": self.progress.step,
+        self.last_metrics = {"epoch": self.progress.epoch + 1, "step": self.progress.step,  # epochs count from 1
                              **{f"train_{k}": train[k] for k in self.task.metrics},
                              **({} if penalty is None else {"l1_penalty": penalty.item()}),
                              **{f"val_{k}": val[k] for k in self.task.eval_metrics},
@@ -261,7 +267,7 @@ class Trainer:
             return json.loads(self.run.summary.read_text())
         val = val or self.evaluate(self.loaders.val)  # None: finished, but killed before its summary
         summary = {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
-                   "epochs": self.progress.epoch, "steps": self.progress.step,
+                   "epochs": self.epochs_trained, "steps": self.progress.step,
                    "train_loss": (self.last_metrics or {}).get("train_loss"),
                    **{f"val_{k}": val[k] for k in names}, "val_samples": val["samples"]}
         if self.loaders.test is not None:

@@ -6,7 +6,7 @@
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
 SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
 through writing the checkpoint of step STEP (inside the real atomic write); `enospc` fails that write as a
-full disk would; `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved. Faults fire only in torchrun's first
+full disk would (`enospc-summary`: the write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt. DTRAIN_LIST_THREADS=DIR writes the
@@ -61,6 +61,18 @@ def install() -> None:
                 return original_write(path, write)
 
             checkpoint._atomic_write = full_write
+
+        if action == "enospc-summary":  # the disk fills up just before summary.json is written
+            import errno
+            from dtrain import rundir
+
+            def no_space():
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def full_summary(self, summary):
+                self.write(self.summary, no_space)  # the run folder's real guarded write, failing
+
+            rundir.RunDir.write_summary = full_summary
 
         if action == "killsave":
             import io

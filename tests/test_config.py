@@ -94,10 +94,14 @@ def test_the_global_batch_must_split_evenly_across_ranks():
         config.check_world(cfg, w.World(world_size=2))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_each_mixed_precision_this_pytorch_runs_on_the_cpu_is_accepted(precision):
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_each_mixed_precision_this_pytorch_runs_on_the_cpu_is_accepted_and_really_autocasts(precision, dtype):
+    from dtrain.tasks import autocast
     cfg = make_config(f"trainer.precision={precision}", "trainer.device=cpu")
-    config.check_world(cfg, w.from_env("cpu", env={}))
+    world = w.from_env("cpu", env={})
+    config.check_world(cfg, world)  # raises if refused
+    with autocast(world.device, cfg.trainer.precision):
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == dtype
 
 
 def test_a_precision_the_device_cannot_autocast_to_is_refused_naming_it(monkeypatch):
@@ -126,6 +130,11 @@ def test_an_experiment_overrides_groups_and_values_and_the_command_line_still_wi
     cfg = make_config("experiment=cifar10_resnet18", "trainer.epochs=2")
     assert (cfg.model.name, cfg.data.name, cfg.optim.name, cfg.sched.name) == ("resnet18", "cifar10", "sgd", "cosine")
     assert (cfg.optim.lr, cfg.trainer.precision, cfg.trainer.epochs) == (0.2, "bf16", 2)
+
+
+def test_debug_fast_shrinks_an_experiment_to_one_epoch_of_two_batches():
+    cfg = make_config("experiment=cifar10_lenet", "debug=fast")
+    assert (cfg.model.name, cfg.trainer.epochs, cfg.debug.limit_batches, cfg.checkpoint.enabled) == ("lenet", 1, 2, False)
 
 
 def test_the_run_name_follows_the_chosen_model_and_data():

@@ -97,7 +97,7 @@ def test_batchnorm_buffers_are_the_same_on_every_rank_when_training_ends(tmp_pat
 
 
 def test_sync_batchnorm_on_cpu_is_refused_with_what_to_do(tmp_path):
-    run = run_cli(tmp_path / "run", *CNN, "model.sync_batchnorm=true", nproc=2)
+    run = run_cli(tmp_path / "run", *CNN, "model.sync_batchnorm=true", "trainer.device=cpu", nproc=2)
     assert run.code != 0
     assert run.err.count("model.sync_batchnorm=true needs CUDA devices") == 1, run
 

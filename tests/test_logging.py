@@ -99,10 +99,10 @@ def test_two_ranks_write_one_set_of_shared_files_one_wandb_run_and_a_log_and_tra
         records = [line for line in (run.dir / f"rank{rank}.log").read_text().splitlines()
                    if re.match(r"\d{4}-\d\d-\d\d \d\d:", line)]
         assert records and all(f" [rank {rank}] " in line for line in records)
-    assert "epoch 1 step" in (run.dir / "rank0.log").read_text()  # the console's lines, on rank 0
+    assert "epoch 2 step" in (run.dir / "rank0.log").read_text()  # the console's lines, on rank 0
     assert not list(run.dir.glob("rank[2-9]*.log"))
     # Shared files once: two epochs in metrics.jsonl, one wandb run, one TensorBoard run.
-    assert [m["epoch"] for m in run.metrics] == [0, 1]
+    assert [m["epoch"] for m in run.metrics] == [1, 2]  # counted as people count
     [wandb_folder] = (run.dir / "wandb").glob("offline-run-*")
     assert len(tensorboard_scalars(run.dir / "tensorboard")["val/acc"]) == 2
     recorded = wandb_run(wandb_folder)
@@ -154,7 +154,7 @@ def test_python_warnings_reach_the_rank_log(tmp_path):
 def test_without_a_terminal_step_lines_replace_the_progress_bar_and_a_report_ends_the_run(tmp_path):
     run = run_cli(tmp_path / "run", "trainer.epochs=1", "trainer.log_every_n_steps=40")
     assert run.code == 0, run
-    steps = [line for line in run.out.splitlines() if line.startswith("  epoch 0 step")]
+    steps = [line for line in run.out.splitlines() if line.startswith("  epoch 1 step")]
     assert len(steps) == 140 // 40 and all("/140 loss" in line for line in steps)
     assert "samples_per_sec" in steps[-1] and " eta " in steps[-1]
     assert "it/s" not in run.err and "step/s" not in run.err  # no bar
@@ -171,7 +171,7 @@ def test_a_forced_progress_bar_shows_epoch_loss_lr_and_throughput(tmp_path):
     assert "step/s" in bar or "s/step" in bar  # tqdm's rate and ETA
     assert "val:" in bar and "batch" in bar  # evaluation has its own
     assert not [line for line in run.out.splitlines() if line.startswith("  epoch")]  # the bar replaced them
-    assert "epoch 1 step 280 |" in run.out  # epoch lines stay
+    assert "epoch 2 step 280 |" in run.out  # epoch lines stay
 
 
 def test_the_bar_follows_the_terminal_unless_set(tmp_path, monkeypatch, quiet_logs):
@@ -280,7 +280,7 @@ def test_regression_runs_draw_curves_without_a_confusion_matrix(tmp_path, quiet_
 
 def test_flops_are_counted_from_the_model_and_reported_per_epoch_and_in_the_summary(tmp_path, quiet_logs):
     from dtrain import perf
-    trainer = make_trainer(tmp_path, "trainer.epochs=1", "logger=none")
+    trainer = make_trainer(tmp_path, "trainer.epochs=1", "logger=none", "trainer.device=cpu")
     linears = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)]
     assert trainer.flops_per_sample == 3 * sum(2 * m.in_features * m.out_features for m in linears)
     summary = trainer.fit()

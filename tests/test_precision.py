@@ -118,7 +118,7 @@ def test_ranks_agree_on_a_stop_every_n_steps_and_read_the_loss_only_on_log_steps
 def test_a_non_finite_loss_stops_training_with_what_to_do(tmp_path, quiet_logs):
     trainer = make_trainer(tmp_path, "trainer.log_every_n_steps=1", *SMALL)
     trainer.forward = lambda x: trainer.net(x) * float("nan")
-    with pytest.raises(FloatingPointError, match=r"the training loss is nan at epoch 0 step 1 \(rank 0\); lower "
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at epoch 1 step 1 \(rank 0\); lower "
                                                  r"optim.lr, set trainer.grad_clip, or find the first bad batch"):
         trainer.fit()
     trainer.close()

@@ -178,7 +178,7 @@ def test_resume_from_a_text_file_is_one_line_and_from_latest_follows_the_pointer
     assert folder.code == 2 and "is a folder; give a checkpoint file" in folder.err, folder
     latest = run_cli(tmp_path / "d", *SMALL, "trainer.max_steps=30", "checkpoint.allow_config_change=true",
                      f"resume={first.dir / 'checkpoints' / 'latest'}")
-    assert latest.code == 0 and "step-00000020.pt: epoch 0 step 20" in latest.out, latest
+    assert latest.code == 0 and "step-00000020.pt: step 20, in epoch 1" in latest.out, latest
 
 
 # -- resuming continues the same run, never a different one under the same record -------------------
@@ -296,6 +296,15 @@ def test_a_full_disk_while_writing_metrics_is_the_clean_error_and_checkpoints_st
         t.fit()
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     assert ckpt.load(tmp_path / "checkpoints" / latest)["step"] > 0
+
+
+def test_a_full_disk_while_writing_the_summary_is_the_clean_error_and_checkpoints_stay_intact(tmp_path):
+    run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=1", target=(FAULTS,), env={"DTRAIN_FAULT": "enospc-summary:0:0"})
+    assert run.code == 2, run
+    assert f"could not write {run.dir / 'summary.json'}: No space left on device" in run.err, run
+    assert "Traceback" not in run.err and run.err.count("\n") == 1, run
+    assert ckpt.load(run.dir / "checkpoints" / "latest")["step"] == 25  # the final checkpoint came before
+    assert not (run.dir / "summary.json").exists()
 
 
 def test_a_full_disk_while_writing_the_rank_log_is_the_clean_error(tmp_path):

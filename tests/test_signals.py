@@ -97,3 +97,30 @@ def test_a_second_ctrl_c_to_the_launcher_stops_the_workers_at_once(tmp_path):
     job.signal_group(signal.SIGINT)
     assert job.finish(timeout=30) == 130, job
     assert "interrupted; the workers were stopped at once" in job.stderr, job
+
+
+def test_a_second_ctrl_c_stops_at_once_without_waiting_for_the_checkpoint(tmp_path):
+    job = streamed(tmp_path, fault="slowstop:0:0")  # saving on the stop takes 30 s
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGINT)
+    job.wait_for("Ctrl-C: stopping after this step")
+    job.signal_group(signal.SIGINT)
+    assert job.finish(timeout=20) == 130, job
+    assert "dtrain: interrupted" in job.stderr and "checkpoint saved" not in job.stdout, job
+
+
+def test_a_stop_that_cannot_finish_ends_after_stop_grace_s(tmp_path):
+    job = streamed(tmp_path, "trainer.stop_grace_s=2", fault="slowstop:0:0")  # stuck for 30 s
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGTERM)
+    assert job.finish(timeout=20) == 128 + signal.SIGTERM, job
+    assert "no clean stop within trainer.stop_grace_s=2s of SIGTERM" in job.stderr, job
+
+
+@pytest.mark.slow
+def test_the_launcher_exits_128_plus_the_signal_when_the_workers_saved_nothing(tmp_path):
+    job = streamed(tmp_path, "checkpoint.enabled=false", launch=2)
+    job.wait_for(" step 3/")
+    job.signal_group(signal.SIGTERM)
+    assert job.finish() == 128 + signal.SIGTERM, job
+    assert "nothing was saved" in job.stdout and "exiting with 75" not in job.stdout, job

@@ -1,6 +1,7 @@
 """Every tutorial job is one `experiment=` away, with the tutorial's exact recipe, and the tutorials' own
 model classes load what dtrain trains (and dtrain starts from what they trained)."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,15 @@ def test_every_experiment_file_trains_a_few_steps_on_files_in_the_official_forma
     assert (tmp_path / "checkpoints" / "best.pt").exists()
 
 
-def test_an_mnist_tutorial_runs_on_the_bundled_sample_with_its_own_recipe():
-    cfg = make_config("experiment=mnist_mlp_tutorial", "data=mnist_sample")
+def test_an_mnist_tutorial_runs_on_the_bundled_sample_with_its_own_recipe(tmp_path, quiet_logs):
+    trainer = make_trainer(tmp_path, "experiment=mnist_mlp_tutorial", "data=mnist_sample", "trainer.epochs=1",
+                           "logger=none")
+    cfg = trainer.cfg
     assert cfg.data.name == "mnist_sample" and cfg.data.batch_size == 64 and not cfg.data.normalize
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum) == ("sgd", 0.01, 0.0)
+    summary = trainer.fit()  # one epoch of the tutorial's SimpleNet and plain SGD on 9,000 images
+    trainer.close()
+    assert summary["steps"] == math.ceil(9000 / 64) and summary["val_acc"] > 0.5  # short last batch kept; chance is 0.1
 
 
 def test_a_tutorial_whose_data_is_absent_names_the_files_and_where_to_put_them(tmp_path, quiet_logs):

@@ -211,7 +211,7 @@ def test_evaluate_reports_per_class_accuracy_and_the_confusion_matrix_the_same_o
 def test_the_python_api_trains_with_overrides_and_reads_back_what_the_run_wrote(tmp_path, quiet_logs):
     summary = api.train("trainer.epochs=1", "logger.plots=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert summary["epochs"] == 1 and summary == api.read_summary(tmp_path / "run")
-    assert [m["epoch"] for m in api.read_metrics(tmp_path / "run")] == [0]
+    assert [m["epoch"] for m in api.read_metrics(tmp_path / "run")] == [1]
     model = api.load_model(tmp_path / "run" / "checkpoints" / "best.pt")
     images, labels = sample_images(1000)
     assert (model.predict(images).argmax(1) == labels).float().mean().item() == pytest.approx(summary["val_acc"])

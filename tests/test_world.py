@@ -19,10 +19,14 @@ SRUN = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_N
         "SLURM_STEP_ID": "0"}
 
 
-def test_a_lone_process_is_rank_zero_of_one_on_the_cpu_with_gloo():
+def test_a_lone_process_is_rank_zero_of_one_on_the_cpu_with_gloo_or_its_gpu_with_nccl(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     world = w.from_env(env={})
     assert (world.rank, world.world_size, world.launcher, world.is_main, world.distributed) == (0, 1, "single", True, False)
     assert world.device == torch.device("cpu") and world.backend == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert (w.from_env(env={}).device, w.from_env(env={}).backend) == (torch.device("cuda:0"), "nccl")
 
 
 def test_torchrun_variables_give_rank_sizes_nodes_and_rendezvous():
@@ -58,12 +62,28 @@ def test_every_process_of_a_launch_computes_the_same_run_id():
     assert w.shared_run_id(SRUN) == "job4242"
     assert w.shared_run_id({**SRUN, "SLURM_ARRAY_TASK_ID": "3"}) == "job4242_3"
     assert w.shared_run_id(TORCHRUN) == "rdzv-job7"  # several nodes: the rendezvous id
-    one_node = {**TORCHRUN, "GROUP_WORLD_SIZE": "1"}  # one node: the torchrun agent's start time
-    assert w.shared_run_id(one_node) == w.shared_run_id(one_node)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+", w.shared_run_id(one_node))  # start time + agent pid
+    one_node = {**TORCHRUN, "GROUP_WORLD_SIZE": "1"}  # one node: the torchrun agent's start time and pid
+    first, second = launch_twice(one_node), launch_twice(one_node)
+    assert first[0] == first[1] and second[0] == second[1]  # the local ranks of one launch agree
+    assert first[0] != second[0]  # and two launches differ
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d+", first[0])  # start time + agent pid
+
+
+def launch_twice(env: dict) -> list[str]:
+    """The run id two worker processes of one agent (a Python parent standing in for torchrun's) compute."""
+    import json
+    import subprocess
+    import sys
+    worker = "import dtrain.world as w, json, sys; print(w.shared_run_id(json.loads(sys.argv[1])))"
+    agent = ("import subprocess, sys; [print(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]], "
+             "capture_output=True, text=True, check=True).stdout.strip()) for _ in range(2)]")
+    out = subprocess.run([sys.executable, "-c", agent, worker, json.dumps(env)], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    return out.split()
 
 
 def test_backend_is_nccl_on_cuda_and_gloo_on_cpu_unless_overridden(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert w.from_env(env=TORCHRUN).backend == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
