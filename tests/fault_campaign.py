@@ -3,8 +3,9 @@
     python tests/fault_campaign.py [--faults 30] [--seed 0] [--workdir DIR]
 
 Faults: kill -9 of a rank at a random step (2 ranks under torchrun --max-restarts=1), SIGTERM, Ctrl-C
-(SIGINT), a corrupt newest checkpoint, a full disk while writing a checkpoint, and a second job launched
-into a live run's folder. After each, the job is continued as a user would (the same command, or
+(SIGINT), a corrupt newest checkpoint, a full disk while writing a checkpoint, a second job launched
+into a live run's folder, and SIGTERM or Ctrl-C sent to the whole process group of a job that streams its
+data through DataLoader worker processes (as SLURM, `timeout` and terminals send them). After each, the job is continued as a user would (the same command, or
 resume=last) and these invariants are checked:
 
 - no good checkpoint is lost or changed: every step file that existed keeps its bytes (or was pruned by
@@ -37,6 +38,7 @@ ENV.pop("DTRAIN_RUN_ID", None)
 CONFIG = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_samples=601", "data.batch_size=32",
           "data.eval_batch_size=64", "optim=adam", "sched=cosine", "trainer.epochs=2", "seed=11",
           "checkpoint.every_n_steps=5", "checkpoint.keep_last=3")
+STREAMED = ("data.loader=stream", "data.num_workers=2")  # the DataLoader path, with worker processes
 STEPS = 2 * (481 // 32)  # 30 optimizer steps
 BOUND_S = 150  # no command may take longer
 
@@ -46,7 +48,9 @@ def launch(cwd: Path, *args: str, nproc: int = 1, fault: str = "", restarts: int
                                                f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
     cmd += [FAULTS, *CONFIG, *args]
     env = {**ENV, **({"DTRAIN_FAULT": fault} if fault else {})}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own session, so a fault that signals the job's process group reaches the job and its workers only.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     if not wait:
         return proc
     start = time.monotonic()
@@ -79,10 +83,11 @@ class Campaign:
         self.violations: list[str] = []
         self.counts: collections.Counter = collections.Counter()
         self.references = {n: self.reference(n) for n in (1, 2)}
+        self.references["streamed"] = self.reference(1, *STREAMED)
 
-    def reference(self, nproc: int) -> dict:
-        run = self.workdir / f"reference-{nproc}"
-        code, out, err, _ = launch(self.workdir, f"hydra.run.dir={run}", nproc=nproc)
+    def reference(self, nproc: int, *args: str) -> dict:
+        run = self.workdir / f"reference-{nproc}{'-streamed' if args else ''}"
+        code, out, err, _ = launch(self.workdir, f"hydra.run.dir={run}", *args, nproc=nproc)
         assert code == 0, err[-3000:]
         return weights(run)
 
@@ -97,7 +102,7 @@ class Campaign:
         mine.write_text(f"the user's own file {i}\n")
         beside.write_text(f"another file of the user's {i}\n")
         foreign = {p: digest(p) for p in (mine, beside)}
-        name, nproc, durations = f"#{i} {kind}@{step}", 1, []
+        name, nproc, durations = f"#{i} {kind}@{step}", 1, []  # nproc: which reference the end must equal
         at = f"hydra.run.dir={run}"
 
         if kind == "kill -9":
@@ -125,6 +130,20 @@ class Campaign:
             durations.append(t)
             self.check(name, code == 0, f"continuing exited {code}: {err[-300:]}")
             self.kept(name, run, before)
+        elif kind.startswith("group "):  # the whole process group, workers included, as clusters signal
+            sig, expected = ("groupint", 130) if "Ctrl-C" in kind else ("groupterm", 75)
+            code, out, err, t = launch(run, at, *STREAMED, fault=f"{sig}:0:{step}")
+            durations.append(t)
+            self.check(name, code == expected and "DataLoader worker" not in err and "Traceback" not in err,
+                       f"stop exited {code}, expected {expected}: {err[-300:]}")
+            self.check(name, (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}.pt",
+                       "no checkpoint at the step the signal arrived")
+            before = step_files(run)
+            code, out, err, t = launch(run, at, *STREAMED)
+            durations.append(t)
+            self.check(name, code == 0, f"continuing exited {code}: {err[-300:]}")
+            self.kept(name, run, before)
+            nproc = "streamed"
         elif kind == "full disk":
             step = 5 * self.rng.randrange(2, STEPS // 5)  # a step that writes a checkpoint
             name = f"#{i} {kind}@{step}"
@@ -181,7 +200,8 @@ class Campaign:
                 self.check(name, len(newer) >= 3, f"{file} disappeared without {3} newer checkpoints")
 
 
-KINDS = ("SIGTERM", "SIGINT", "corrupt newest", "full disk", "concurrent launch", "kill -9")
+KINDS = ("SIGTERM", "SIGINT", "corrupt newest", "full disk", "concurrent launch", "kill -9", "group SIGTERM",
+         "group Ctrl-C")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@
     python tests/faults.py --launch key=value ...                  dtrain.launch, its workers wrapped too
 
 After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
-SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C); `killsave` SIGKILLs rank 0 half-way
+SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C), `groupterm`/`groupint` send those to the whole process group (its
+DataLoader workers too); `killsave` SIGKILLs rank 0 half-way
 through writing the checkpoint of step STEP (inside the real atomic write); `enospc` fails that write as a
 full disk would (`enospc-summary`: the write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved. Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
@@ -47,6 +48,8 @@ def install() -> None:
                     os.kill(os.getpid(), signal.SIGUSR1)
                 if action == "int":  # Ctrl-C
                     os.kill(os.getpid(), signal.SIGINT)
+                if action in ("groupterm", "groupint"):  # to the whole process group, DataLoader workers too
+                    os.killpg(os.getpgrp(), signal.SIGTERM if action == "groupterm" else signal.SIGINT)
 
         trainer.Trainer.optimizer_step = faulty_step
 

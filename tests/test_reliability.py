@@ -338,5 +338,6 @@ def test_a_peer_killed_with_sigkill_is_reported_as_dead_not_as_a_timeout(tmp_pat
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_a_campaign_of_30_random_faults_breaks_no_invariant(tmp_path):
-    import fault_campaign  # tests/fault_campaign.py: kill -9, SIGTERM, Ctrl-C, corrupt newest, full disk, concurrent launch
+    import fault_campaign  # tests/fault_campaign.py: kill -9, SIGTERM, Ctrl-C, corrupt newest, full disk, concurrent
+    # launch, SIGTERM and Ctrl-C to the whole process group of a job with DataLoader workers
     assert fault_campaign.main(["--faults", "30", "--seed", "0", "--workdir", str(tmp_path)]) == 0
