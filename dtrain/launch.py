@@ -189,14 +189,19 @@ def check(cfg: Config, p: Plan) -> None:
         check_rendezvous(p, cfg.dist.timeout_s)
 
 
-def exit_code(codes: Mapping[int, int]) -> tuple[int, str]:
+def exit_code(codes: Mapping[int, int], reported: Optional[Mapping[int, int]] = None) -> tuple[int, str]:
     """One exit code for the job from the failed workers' own codes (negative: killed by a signal, which
-    the agent does to the others once one fails), and what to say about it."""
+    the agent does to the others once one fails), and what to say about it. `reported`: the ranks that
+    ended through dtrain's own exit path (app.start), which printed their own one-line message."""
     own = {rank: c for rank, c in codes.items() if c > 0}
     if not own:
-        return EXIT_FAILED, f"workers were killed by signals ({codes})"
+        killed = ", ".join(f"rank {r} by {signal.Signals(-c).name}" for r, c in sorted(codes.items()) if c < 0)
+        return EXIT_FAILED, f"workers were killed: {killed or codes}"
+    silent = sorted(r for r in own if reported is not None and r not in reported)
     for code in (EXIT_BAD_INPUT, EXIT_FAILED):
         if code in own.values():
+            if silent:  # died before dtrain could report (killed by the system, a crash in a library)
+                return code, f"rank {silent[0]} exited with code {own[silent[0]]} without a message of its own"
             return code, ""  # the ranks printed their own one-line message
     if set(own.values()) in ({EXIT_PREEMPTED}, {EXIT_INTERRUPTED}):
         return next(iter(own.values())), ""
@@ -244,7 +249,7 @@ def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
         elastic_launch(launch, sys.executable)(*WORKER, *argv)
         return 0
     except ChildFailedError as e:
-        code, why = exit_code({rank: f.exitcode for rank, f in e.failures.items()})
+        code, why = exit_code({rank: f.exitcode for rank, f in e.failures.items()}, app.read_exit_codes(codes_dir))
     except SignalException:
         code, why = stopped_code(app.read_exit_codes(codes_dir), p.nproc_per_node, received["signum"])
     except KeyboardInterrupt:  # Ctrl-C twice: the workers were killed without finishing their step

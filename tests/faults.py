@@ -7,7 +7,9 @@ After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill`
 SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C), `groupterm`/`groupint` send those to the whole process group (its
 DataLoader workers too); `killsave` SIGKILLs rank 0 half-way
 through writing the checkpoint of step STEP (inside the real atomic write); `enospc` fails that write as a
-full disk would (`enospc-summary`: the write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved. Faults fire only in torchrun's first
+full disk would (`enospc-summary`: the write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved;
+`diestart` ends rank RANK silently before the process group forms, `hangstart` hangs it before its first
+collective (STEP is ignored for these). Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt. DTRAIN_LIST_THREADS=DIR writes the
@@ -64,6 +66,21 @@ def install() -> None:
                 return original_write(path, write)
 
             checkpoint._atomic_write = full_write
+
+        if action in ("diestart", "hangstart"):  # rank RANK dies before the group forms, or hangs before its first collective
+            from dtrain import world
+            original_group = world.process_group
+
+            @contextlib.contextmanager
+            def faulty_group(w, timeout_s):
+                if action == "diestart" and w.rank == int(rank):
+                    os._exit(1)  # as a worker killed by the system, before dtrain could say anything
+                with original_group(w, timeout_s) as inside:
+                    if action == "hangstart" and w.rank == int(rank):
+                        time.sleep(10_000)
+                    yield inside
+
+            world.process_group = faulty_group
 
         if action == "enospc-summary":  # the disk fills up just before summary.json is written
             import errno

@@ -153,3 +153,21 @@ def test_a_node_whose_peers_never_come_gives_up_within_the_timeout(tmp_path):
                           env=CHILD_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "did not form within dist.timeout_s=5" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_at_start_up_ends_the_job_with_one_line_naming_it(tmp_path):
+    run = launch(tmp_path, *SMALL, TWO, "dist.timeout_s=20", fault="diestart:1:0", timeout=120)
+    assert run.code == 1, run
+    assert "dtrain.launch: rank 1 exited with code 1 without a message of its own" in run.err, run
+    assert "Traceback" not in run.err and "torch/distributed/elastic" not in run.err, run
+
+
+@pytest.mark.slow
+def test_a_worker_that_hangs_before_the_first_collective_ends_the_job_at_the_timeout(tmp_path):
+    start = time.monotonic()
+    run = launch(tmp_path, *SMALL, TWO, "dist.timeout_s=10", fault="hangstart:1:0", timeout=120)
+    assert run.code == 1, run
+    assert "[rank 0] dtrain: a collective did not complete within dist.timeout_s=10" in run.err, run
+    assert "Traceback" not in run.err, run
+    assert time.monotonic() - start < 90  # the 10 s timeout, start-up and teardown; never a hang
