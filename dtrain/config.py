@@ -28,7 +28,7 @@ from dtrain.errors import ConfigError
 class Precision(str, enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast to bfloat16, no grad scaler
-    fp16 = "fp16"  # autocast to float16 with a grad scaler (CUDA)
+    fp16 = "fp16"  # autocast to float16 with a grad scaler (CUDA, and CPU where this PyTorch can)
 
 
 class Backend(str, enum.Enum):
