@@ -217,7 +217,7 @@ def test_wandb_offline_records_config_metrics_and_summary_and_a_resumed_job_cont
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
     assert a["id"] == b["id"] == ckpt["logger"]["wandb_run_id"]
     assert a["config"]["optim"]["lr"] == 0.001 and a["config"]["model"]["name"] == "mlp"
-    assert [h["epoch/epoch"] for h in a["history"] + b["history"] if "val/acc" in h] == [0, 1]
+    assert [h["epoch/epoch"] for h in a["history"] + b["history"] if "val/acc" in h] == [1, 2]
     assert any("step/loss" in h for h in a["history"])
     assert b["summary"]["val_acc"] == pytest.approx(second.summary["val_acc"])
 

@@ -1,0 +1,197 @@
+"""Callbacks: how users (and dtrain's own extras) hook into training, through one list called from one place.
+
+A callback is a plain object with any of these methods, named as Lightning names them where it has one:
+
+    on_fit_start(trainer)                  once, after a resume has restored the state, before training
+    on_train_epoch_start(trainer)          before each epoch's first batch
+    on_log_step(trainer, metrics)          after an optimizer step, on log steps only (trainer.log_every_n_steps):
+                                           `metrics` holds epoch, step, loss, lr; no host sync is added
+    on_validation_end(trainer, metrics)    after each epoch's validation: val metrics, reduced over ranks
+    on_train_epoch_end(trainer, metrics)   the epoch's record before it is logged (add entries to log them)
+    on_fit_end(trainer, summary)           after training, before summary.json is written (add entries)
+
+and, to have state saved in every checkpoint and restored on resume, `state_dict()` / `load_state_dict()`.
+Hooks run on every rank, in list order; what a hook reads from `trainer` (progress, model, optimizer,
+world, run, last_metrics, should_stop) is the same on every rank, so a callback that writes files should
+write on the main rank only (`if trainer.world.is_main:`). Setting `trainer.should_stop = True` in any
+hook stops training after the current epoch on every rank (the ranks agree once per epoch).
+Early stopping, the profiler, the plots and throughput/MFU reporting are callbacks of this kind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from dtrain.errors import ConfigError
+from dtrain.logs import log
+
+HOOKS = ("on_fit_start", "on_train_epoch_start", "on_log_step", "on_validation_end", "on_train_epoch_end",
+         "on_fit_end")
+
+
+class Callback:
+    """An optional base class: any object with some of the hooks is a callback."""
+
+
+def check(name: str, callback: Any) -> None:
+    """A method named like a hook that is not one (`on_epoch_end`) would never run: refuse it, naming it."""
+    unknown = sorted(a for a in dir(type(callback)) if a.startswith("on_") and a not in HOOKS)
+    if unknown:
+        raise ConfigError(f"callbacks.{name}: {type(callback).__name__}.{unknown[0]} is not a dtrain hook; the hooks "
+                          f"are {', '.join(HOOKS)}")
+    if hasattr(callback, "state_dict") != hasattr(callback, "load_state_dict"):
+        raise ConfigError(f"callbacks.{name}: {type(callback).__name__} has only one of state_dict and "
+                          "load_state_dict; a callback with state needs both")
+
+
+class Callbacks:
+    """The run's callbacks by name, in order; `call` is the one place hooks are run from."""
+
+    def __init__(self, named: dict[str, Any]):
+        for name, callback in named.items():
+            check(name, callback)
+        self.named = dict(named)
+        self._hooks = {hook: [(n, getattr(c, hook)) for n, c in self.named.items() if hasattr(c, hook)]
+                       for hook in HOOKS}
+
+    def call(self, hook: str, *args: Any) -> None:
+        for name, method in self._hooks[hook]:
+            with torch.profiler.record_function(f"callbacks.{name}.{hook}"):  # traced in profiles
+                method(*args)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: c.state_dict() for n, c in self.named.items() if hasattr(c, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, callback in self.named.items():
+            if hasattr(callback, "load_state_dict") and name in state:
+                callback.load_state_dict(state[name])
+
+    def __iter__(self) -> Iterable[Any]:
+        return iter(self.named.values())
+
+
+# -- dtrain's own callbacks ------------------------------------------------------------------------------
+
+class EarlyStopping(Callback):
+    """Stop once the monitored validation metric has gone `patience` validations in a row without beating
+    its best by more than `min_delta` (patience 0: never)."""
+
+    def __init__(self, monitor: str, patience: int, min_delta: float, higher_is_better: bool):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.higher_is_better = higher_is_better
+        self.best: Optional[float] = None
+        self.bad = 0  # validations in a row without improvement
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad >= self.patience > 0
+
+    def on_fit_start(self, trainer) -> None:
+        if self.stopped:  # resumed a run that had stopped early: nothing more to train
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, metrics: dict) -> None:
+        if not self.patience:
+            return
+        value = metrics[self.monitor.removeprefix("val_")]
+        gain = math.inf if self.best is None else (value - self.best if self.higher_is_better else self.best - value)
+        if gain > self.min_delta:  # NaN never improves
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.stopped:
+            trainer.should_stop = True
+            log.info(f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} for "
+                     f"{self.bad} validations (best {self.best:.6g}); stopping after epoch "
+                     f"{trainer.progress.epoch + 1} of {trainer.cfg.trainer.epochs}")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad": self.bad}  # patience and min_delta are the running config's
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad = state.get("best"), state.get("bad", 0)
+
+
+class Throughput(Callback):
+    """FLOP/s from the model's FLOPs per sample (counted once, from one forward pass) and the loop's
+    samples/s, and model FLOP utilisation where the GPU's peak is known."""
+
+    def __init__(self, shape: tuple[int, ...], precision_is_low: bool):
+        self.shape, self.low = shape, precision_is_low
+        self.flops_per_sample: Optional[int] = None
+        self.peak: Optional[float] = None
+
+    def on_fit_start(self, trainer) -> None:
+        from dtrain import perf
+        self.flops_per_sample = perf.training_flops_per_sample(trainer.model, self.shape, trainer.world.device)
+        self.peak = perf.peak_flops(trainer.world.device, self.low)
+
+    def add(self, metrics: dict, world_size: int) -> None:
+        if self.flops_per_sample and metrics.get("samples_per_sec") is not None:
+            metrics["flops_per_sec"] = flops = self.flops_per_sample * metrics["samples_per_sec"]
+            if self.peak:
+                metrics["mfu"] = flops / (self.peak * world_size)
+
+    def on_train_epoch_end(self, trainer, metrics: dict) -> None:
+        self.add(metrics, trainer.world.world_size)
+
+    def on_fit_end(self, trainer, summary: dict) -> None:
+        self.add(summary, trainer.world.world_size)
+
+
+class Profiler(Callback):
+    """torch.profiler trace of this rank from the start of training to the first log step at least 3
+    steps in (a lower trainer.log_every_n_steps gives a shorter trace), in folder/rank{N}.*.pt.trace.json,
+    which Perfetto (ui.perfetto.dev) and TensorBoard's profiler plugin open."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.profile, self.first = folder, None, 0
+
+    def on_train_epoch_start(self, trainer) -> None:
+        if self.profile is None and self.first == 0:
+            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+            cuda = trainer.world.device.type == "cuda"
+            self.profile = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                                   on_trace_ready=tensorboard_trace_handler(
+                                       str(self.folder), worker_name=f"rank{trainer.world.rank}"),
+                                   record_shapes=True)
+            self.first = trainer.progress.step + 1
+            self.profile.start()
+
+    def on_log_step(self, trainer, metrics: dict) -> None:
+        if self.profile is not None and trainer.progress.step >= self.first + 2:
+            self.stop()
+
+    def on_fit_end(self, trainer, summary: dict) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.profile is not None:
+            self.profile.stop()  # writes the trace
+            self.profile = None
+
+
+class Plots(Callback):
+    """At the end, on the main rank: confusion.json and samples.npz (what a plot needs beyond
+    metrics.jsonl), then every plot dtrain.plots can draw from the run folder."""
+
+    def on_fit_end(self, trainer, summary: dict) -> None:
+        from dtrain import plots
+        from dtrain.tasks import predict_samples
+        run = trainer.run
+        if trainer.task.classifies and trainer.final_val is not None:
+            classes = trainer.class_names()
+            if trainer.world.is_main:
+                run.write_text(run.confusion, json.dumps({"classes": classes,
+                                                          "matrix": trainer.final_val["confusion"]}) + "\n")
+            if len(trainer.shape) == 3:  # images: every rank predicts, the main rank writes
+                samples = predict_samples(trainer.model, trainer.loaders.val.dataset, trainer.world.device)
+                run.write(run.samples, lambda: plots.save_samples(run.samples, **samples, classes=classes))
+        for name in plots.PLOTS:
+            run.write(run.path / name, lambda name=name: plots.draw_one(run.path, name))

@@ -1,0 +1,55 @@
+"""DistributedDataParallel: every rank holds the whole model; DDP all-reduces gradients during backward."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import ContextManager
+
+from torch import nn
+
+from dtrain import world as w
+from dtrain.errors import ConfigError
+from dtrain.strategy.base import Strategy
+
+# dist.* keys that are DistributedDataParallel's own options, passed through with PyTorch's defaults
+DDP_OPTIONS = ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "find_unused_parameters",
+               "broadcast_buffers")
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP whose complaint about parameters without gradients names dtrain's option."""
+
+    def forward(self, *args, **kwargs):
+        try:
+            return super().forward(*args, **kwargs)
+        except RuntimeError as e:
+            if "find_unused_parameters" not in str(e):
+                raise
+            raise ConfigError("the model has parameters that received no gradient in the last step "
+                              "(DistributedDataParallel cannot finish its gradient reduction); set "
+                              "dist.find_unused_parameters=true, or make every parameter take part in the loss") from e
+
+
+class DDP(Strategy):
+    name = "ddp"
+
+    def __init__(self, world: w.World, dist, sync_batchnorm: bool):
+        super().__init__(world)
+        self.options = {k: v for k, v in dataclasses.asdict(dist).items() if k in DDP_OPTIONS}
+        self.sync_batchnorm = sync_batchnorm
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        if self.sync_batchnorm:
+            if self.world.device.type != "cuda":
+                raise ConfigError("model.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+                                  "CPU implementation); set model.sync_batchnorm=false on CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        options = dict(self.options)
+        if "forward_sync_buffers" in inspect.signature(_DDP.__init__).parameters:
+            options["forward_sync_buffers"] = options.pop("broadcast_buffers")  # its name since PyTorch 2.12
+        device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
+        return _DDP(model, device_ids=device_ids, **options)
+
+    def no_sync(self, net: nn.Module, sync: bool) -> ContextManager:
+        return super().no_sync(net, sync) if sync else net.no_sync()
