@@ -76,7 +76,7 @@ def run_training(cfg: Config, world: w.World, run, dcfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from dtrain import logs
+    from dtrain import build, logs
     from dtrain.trainer import Trainer
     run.check_ranks_agree()
     run.acquire()  # before writing anything: a second job aimed at a live run's folder stops here
@@ -89,7 +89,7 @@ def run_training(cfg: Config, world: w.World, run, dcfg) -> dict:
         run.write_config(OmegaConf.to_yaml(dcfg, resolve=True), {
             "config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(list(hydra.overrides.task)),
             "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra}))})
-        trainer = Trainer(cfg, world, run)
+        trainer = Trainer(build.parts(cfg, world, run))
         try:
             return trainer.fit()
         finally:
@@ -195,7 +195,7 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     model = load_model(path, str(world.device)).net
     task = TASKS[splits.task]
     result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world), task, world,
-                            cfg.trainer.precision, cfg.trainer.label_smoothing,
+                            cfg.trainer.precision, lambda out, y: task.loss(out, y, cfg.trainer.label_smoothing),
                             classes=splits.out if task.classifies else 0)
     if "confusion" in result:
         rows = result["confusion"]

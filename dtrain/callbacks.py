@@ -182,15 +182,16 @@ class Plots(Callback):
     metrics.jsonl), then every plot dtrain.plots can draw from the run folder."""
 
     def on_fit_end(self, trainer, summary: dict) -> None:
+        if not trainer.world.is_main:
+            return
         from dtrain import plots
         from dtrain.tasks import predict_samples
         run = trainer.run
         if trainer.task.classifies and trainer.final_val is not None:
             classes = trainer.class_names()
-            if trainer.world.is_main:
-                run.write_text(run.confusion, json.dumps({"classes": classes,
-                                                          "matrix": trainer.final_val["confusion"]}) + "\n")
-            if len(trainer.shape) == 3:  # images: every rank predicts, the main rank writes
+            run.write_text(run.confusion, json.dumps({"classes": classes, "matrix": trainer.final_val["confusion"]})
+                           + "\n")
+            if len(trainer.shape) == 3:  # images: a grid of predictions to look at
                 samples = predict_samples(trainer.model, trainer.loaders.val.dataset, trainer.world.device)
                 run.write(run.samples, lambda: plots.save_samples(run.samples, **samples, classes=classes))
         for name in plots.PLOTS:

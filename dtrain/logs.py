@@ -3,8 +3,8 @@
 Python logging is set up once per process (`setup_console`): every rank writes its own `rank{N}.log` in the
 run folder with the rank in each line; the main rank alone writes the console, where other ranks reach only
 with errors and each distinct warning once. Metrics go through `MetricLogger` to the sinks the `logger.*`
-flags turn on (console, metrics.jsonl, TensorBoard, wandb, plots), on the main rank only: each sink is one
-entry in SINKS.
+flags turn on (console, metrics.jsonl, TensorBoard, wandb), on the main rank only: each sink is one entry
+in SINKS. The plots are a callback (dtrain.callbacks.Plots) drawn from what these sinks wrote.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def _fmt(v) -> str:
 class Sink(Protocol):
     def write(self, kind: str, metrics: dict) -> None: ...  # kind: "step" | "epoch"
     def close(self) -> None: ...
-    # optional: rewind(step), summary(summary, details)
+    # optional: rewind(step), summary(summary)
 
 
 def tags(kind: str, metrics: dict) -> dict[str, float]:
@@ -265,7 +265,7 @@ class TensorBoardSink:
             writer.add_scalar(tag, value, metrics["step"])
         writer.flush()
 
-    def summary(self, summary: dict, details: dict) -> None:
+    def summary(self, summary: dict) -> None:
         final = {f"final/{k}": v for k, v in summary.items()
                  if k.startswith(("val_", "test_", "train_")) and isinstance(v, (int, float))}
         self._writer().add_hparams(flat_hparams(self.context.config), final, run_name=".",
@@ -332,7 +332,7 @@ class WandbSink:
         # wandb's internal step would refuse as going backwards.
         self._start().log({"step": metrics["step"], **tags(kind, metrics)})
 
-    def summary(self, summary: dict, details: dict) -> None:
+    def summary(self, summary: dict) -> None:
         self._start().summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
     def close(self) -> None:
@@ -341,36 +341,11 @@ class WandbSink:
             self.wandb_run = None
 
 
-class PlotSink:
-    """At the end: confusion.json and samples.npz (what a plot needs beyond metrics.jsonl), then every
-    plot dtrain.plots can draw from the run folder."""
-
-    def __init__(self, run: RunDir, cfg: LoggerConfig, context: "Context"):
-        self.run = run
-
-    def write(self, kind: str, metrics: dict) -> None:
-        pass
-
-    def summary(self, summary: dict, details: dict) -> None:
-        from dtrain import plots
-        if "confusion" in details:
-            self.run.write_text(self.run.confusion, json.dumps(
-                {"classes": details["classes"], "matrix": details["confusion"]}) + "\n")
-        if "samples" in details:
-            self.run.write(self.run.samples, lambda: plots.save_samples(self.run.samples, **details["samples"]))
-        for name in plots.PLOTS:
-            self.run.write(self.run.path / name, lambda name=name: plots.draw_one(self.run.path, name))
-
-    def close(self) -> None:
-        pass
-
-
 SINKS: dict[str, Callable[[RunDir, LoggerConfig, "Context"], Sink]] = {
     "console": ConsoleSink,
     "jsonl": JsonlSink,
     "tensorboard": TensorBoardSink,
     "wandb": WandbSink,
-    "plots": PlotSink,
 }
 
 
@@ -431,10 +406,10 @@ class MetricLogger:
         for s in self.sinks:
             s.write("epoch", metrics)
 
-    def summary(self, summary: dict, details: dict) -> None:
+    def summary(self, summary: dict) -> None:
         for s in self.sinks:
             if hasattr(s, "summary"):
-                s.summary(summary, details)
+                s.summary(summary)
 
     def state_dict(self) -> dict:
         return {"wandb_run_id": self.context.wandb_id}

@@ -1,5 +1,5 @@
 """How fast training runs: model FLOPs counted once from one forward pass (for FLOP/s and model FLOP
-utilisation against the GPU's peak), and an optional torch.profiler trace of a few steps."""
+utilisation against the GPU's peak; reported by dtrain.callbacks.Throughput), TF32 and memory format."""
 
 from __future__ import annotations
 
@@ -58,24 +58,6 @@ def peak_flops(device: torch.device, low_precision: bool) -> Optional[float]:
         if key in name:
             return half if low_precision else single
     return None
-
-
-class _NoProfiler(contextlib.nullcontext):
-    def step(self) -> None:
-        pass
-
-
-def profiler(folder: Optional[Path], rank: int, device: torch.device):
-    """With a folder (trainer.profile=true): trace steps 3-5 of this process (after a step of wait and one of warm-up)
-    into folder/rank{N}.*.pt.trace.json, which Perfetto (ui.perfetto.dev) and TensorBoard's profiler
-    plugin open. Call `.step()` after every optimizer step."""
-    if folder is None:
-        return _NoProfiler()
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                   on_trace_ready=tensorboard_trace_handler(str(folder), worker_name=f"rank{rank}"),
-                   record_shapes=True)
 
 
 def set_tf32(enabled: bool) -> None:

@@ -147,7 +147,7 @@ def macro_auc(scores: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
-             precision: Precision = Precision.fp32, label_smoothing: float = 0.0,
+             precision: Precision = Precision.fp32, loss: Callable | None = None,
              limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
     """The task's metrics over the loader's samples on all ranks, each sample counted once. With
     `classes`, also the confusion matrix (rows: true class, columns: predicted), summed over ranks, its
@@ -165,7 +165,7 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
         with autocast(world.device, precision):
             out = model(x)
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
-        sums += task.batch_sums(task.loss(out, y, label_smoothing), out, y)
+        sums += task.batch_sums(loss(out, y) if loss is not None else task.loss(out, y, 0.0), out, y)
         if classes:
             confusion += torch.bincount(y * classes + out.argmax(1), minlength=classes * classes)
             scores.append(out.softmax(1))

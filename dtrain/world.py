@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import inspect
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -26,9 +25,8 @@ import torch.distributed as dist
 # threads running past destroy_process_group() into the interpreter's exit, the likely source of a
 # rank's rare abort there ("terminate called without an active exception").
 import torch.distributed.nn
-from torch import nn
 
-from dtrain.errors import ConfigError, WorldError
+from dtrain.errors import WorldError
 
 
 @dataclass(frozen=True)
@@ -225,36 +223,6 @@ def _restart_safe_store(world: World, timeout_s: float, env: Mapping[str, str] =
     client = dist.TCPStore(world.master_addr, world.master_port, world.world_size, is_master=False,
                            timeout=datetime.timedelta(seconds=timeout_s))
     return dist.PrefixStore(f"dtrain/attempt-{attempt}", client)
-
-
-class _DDP(nn.parallel.DistributedDataParallel):
-    """DDP whose complaint about parameters without gradients names dtrain's option."""
-
-    def forward(self, *args, **kwargs):
-        try:
-            return super().forward(*args, **kwargs)
-        except RuntimeError as e:
-            if "find_unused_parameters" not in str(e):
-                raise
-            raise ConfigError("the model has parameters that received no gradient in the last step "
-                              "(DistributedDataParallel cannot finish its gradient reduction); set "
-                              "dist.find_unused_parameters=true, or make every parameter take part in the loss") from e
-
-
-def wrap_model(model: nn.Module, world: World, sync_batchnorm: bool, ddp: Optional[dict] = None) -> nn.Module:
-    """The model as DistributedDataParallel when there are several processes (itself otherwise); `ddp`:
-    DDP's options (bucket_cap_mb, static_graph, ...)."""
-    if not world.distributed:
-        return model
-    if sync_batchnorm:
-        if world.device.type != "cuda":
-            raise ConfigError("model.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
-                              "CPU implementation); set model.sync_batchnorm=false on CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = dict(ddp or {})
-    if "broadcast_buffers" in ddp and "forward_sync_buffers" in inspect.signature(_DDP.__init__).parameters:
-        ddp["forward_sync_buffers"] = ddp.pop("broadcast_buffers")  # its name since PyTorch 2.12
-    return _DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None, **ddp)
 
 
 def kill_children(sig: int) -> None:

@@ -34,13 +34,14 @@ def make_config(*overrides: str) -> Config:
 
 
 def make_trainer(tmp_path: Path, *overrides: str, world=None):
+    from dtrain import build
     from dtrain import world as w
     from dtrain.rundir import RunDir
     from dtrain.trainer import Trainer
     cfg = make_config(*overrides)
     tmp_path.mkdir(parents=True, exist_ok=True)  # Hydra makes the run folder in a real run
     world = world or w.from_env(cfg.trainer.device, cfg.dist.backend, env={})
-    return Trainer(cfg, world, RunDir(tmp_path, world))
+    return Trainer(build.parts(cfg, world, RunDir(tmp_path, world)))
 
 
 class Run:

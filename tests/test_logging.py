@@ -178,12 +178,12 @@ def test_the_bar_follows_the_terminal_unless_set(tmp_path, monkeypatch, quiet_lo
     from dtrain.logs import ConsoleSink
     trainer = make_trainer(tmp_path, "debug=fast")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
-    assert ConsoleSink(trainer.run, trainer.cfg.logger, trainer.metrics.context).show_bar
+    assert ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar
     trainer.cfg.logger.progress_bar = False
-    assert not ConsoleSink(trainer.run, trainer.cfg.logger, trainer.metrics.context).show_bar
+    assert not ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     trainer.cfg.logger.progress_bar = None
-    assert not ConsoleSink(trainer.run, trainer.cfg.logger, trainer.metrics.context).show_bar
+    assert not ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar
 
 
 # -- sinks ------------------------------------------------------------------------------------------
@@ -282,10 +282,11 @@ def test_flops_are_counted_from_the_model_and_reported_per_epoch_and_in_the_summ
     from dtrain import perf
     trainer = make_trainer(tmp_path, "trainer.epochs=1", "logger=none", "trainer.device=cpu")
     linears = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert trainer.flops_per_sample == 3 * sum(2 * m.in_features * m.out_features for m in linears)
     summary = trainer.fit()
     trainer.close()
-    assert summary["flops_per_sec"] == pytest.approx(trainer.flops_per_sample * summary["samples_per_sec"])
+    throughput = trainer.callbacks.named["throughput"]  # a built-in callback
+    assert throughput.flops_per_sample == 3 * sum(2 * m.in_features * m.out_features for m in linears)
+    assert summary["flops_per_sec"] == pytest.approx(throughput.flops_per_sample * summary["samples_per_sec"])
     assert summary["step_time_s"] > 0 and "mfu" not in summary  # no GPU peak on a CPU
     assert perf.peak_flops(torch.device("cpu"), True) is None
 
@@ -301,9 +302,11 @@ def test_the_gpu_peak_table_matches_the_most_specific_name(monkeypatch):
 
 
 def test_a_single_process_profile_writes_one_trace_perfetto_can_open(tmp_path, quiet_logs):
-    trainer = make_trainer(tmp_path, "trainer.profile=true", "trainer.max_steps=6", "logger=none")
+    trainer = make_trainer(tmp_path, "trainer.profile=true", "trainer.max_steps=20", "trainer.log_every_n_steps=4",
+                           "logger=none")
     trainer.fit()
     trainer.close()
     [trace] = (tmp_path / "profile").glob("rank0.*.pt.trace.json")
     events = json.loads(trace.read_text())["traceEvents"]
-    assert sum(e.get("name", "").startswith("ProfilerStep#") for e in events) == 3  # the active steps
+    # From the first step to the first log step at least 3 steps in: steps 1-4, each with its optimizer step.
+    assert sum(e.get("name", "").startswith("Optimizer.step#Adam.step") for e in events) == 4

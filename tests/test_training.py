@@ -258,10 +258,22 @@ def test_a_dtrain_checkpoint_can_be_the_starting_weights_of_a_new_run(tmp_path, 
 
 
 def test_early_stopping_waits_while_the_metric_improves():
-    from dtrain.trainer import EarlyStopping
-    stop = EarlyStopping(patience=2, min_delta=0.01, higher_is_better=True)
-    assert [stop.update(v) for v in (0.5, 0.6, 0.605, 0.7, 0.7, 0.69)] == [False, False, False, False, False, True]
-    assert stop.best == 0.7 and EarlyStopping(0, 0.0, True).update(0.1) is False  # patience 0: off
+    from types import SimpleNamespace
+
+    from dtrain.callbacks import EarlyStopping
+
+    def verdicts(stop, values):
+        trainer = SimpleNamespace(should_stop=False, progress=SimpleNamespace(epoch=0),
+                                  cfg=SimpleNamespace(trainer=SimpleNamespace(epochs=10)))
+        out = []
+        for v in values:
+            stop.on_validation_end(trainer, {"acc": v})
+            out.append(trainer.should_stop)
+        return out
+
+    stop = EarlyStopping("val_acc", patience=2, min_delta=0.01, higher_is_better=True)
+    assert verdicts(stop, (0.5, 0.6, 0.605, 0.7, 0.7, 0.69)) == [False, False, False, False, False, True]
+    assert stop.best == 0.7 and verdicts(EarlyStopping("val_acc", 0, 0.0, True), (0.1, 0.1)) == [False, False]
 
 
 def test_dropout_is_an_option_of_the_mlps_and_cnns_that_adds_no_weights(tmp_path, quiet_logs):
