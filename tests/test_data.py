@@ -10,7 +10,8 @@ from PIL import Image
 
 from dtrain import augment, data
 from dtrain import world as w
-from dtrain.config import ConfigError
+from dtrain.config import ConfigError, DataPath
+from dtrain.errors import DataError
 from conftest import make_config
 
 SINGLE = w.World()
@@ -76,7 +77,7 @@ def test_cifar10_loads_the_official_python_batches(tmp_path):
 def test_cifar10_files_that_fail_their_checksums_are_reported(tmp_path):
     write_cifar10(tmp_path)
     cfg = make_config("data=cifar10", f"data.root={tmp_path}", "data.download=false").data
-    with pytest.raises(data.DataError, match="cifar-10-batches-py"):
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
         data.build(cfg, SINGLE)
 
 
@@ -98,7 +99,7 @@ def test_cifar10_augmentation_crops_and_flips_training_images_only(tmp_path):
 @pytest.mark.parametrize("name,files", [("mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")])
 def test_a_missing_data_set_offline_names_the_files_and_where_to_put_them(tmp_path, name, files):
     cfg = make_config(f"data={name}", f"data.root={tmp_path}", "data.download=false").data
-    with pytest.raises(data.DataError, match=files) as err:
+    with pytest.raises(DataError, match=files) as err:
         data.build(cfg, SINGLE)
     assert str(tmp_path) in str(err.value)
 
@@ -217,7 +218,7 @@ def both_paths(*overrides):
     ids = data.Tensors(torch.zeros(203, 1), torch.arange(203))  # each label names its sample
     out = {}
     for path in ("device", "stream"):
-        cfg.data.loader = data.DataPath(path)
+        cfg.data.loader = DataPath(path)
         out[path] = [(data.train_loader(ids, cfg, r), data.eval_loader(ids, cfg, r)) for r in ranks(2)]
     return out
 

@@ -32,7 +32,7 @@ def test_a_csv_regression_standardises_features_with_the_training_split_statisti
     cfg = make_config(*CSV, f"data.path={tmp_path / 't.csv'}", "data.target=y", "data.features=[a,b,c]")
     splits = data.build(cfg.data, w.World())
     mean, std = map(torch.tensor, splits.scaler)
-    train_rows = torch.from_numpy(x).float()[data._split(200, cfg.data)[0][20:]]  # train = after the test rows
+    train_rows = torch.from_numpy(x).float()[data.split_indices(200, cfg.data)[0][20:]]  # train = after the test rows
     torch.testing.assert_close(mean, train_rows.mean(0))
     torch.testing.assert_close(std, train_rows.std(0, unbiased=False))  # StandardScaler's population std
     assert splits.train.x.mean(0).abs().max() < 1e-5 and (splits.train.x.std(0, unbiased=False) - 1).abs().max() < 1e-4
