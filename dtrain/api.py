@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dtrain import app, data, models
+from dtrain import app, build, data, models
 from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
@@ -76,7 +76,7 @@ def run_training(cfg: Config, world: w.World, run, dcfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from dtrain import build, logs
+    from dtrain import logs
     from dtrain.trainer import Trainer
     run.check_ranks_agree()
     run.acquire()  # before writing anything: a second job aimed at a live run's folder stops here
@@ -125,7 +125,8 @@ class Model:
             raise BadInput(f"float image inputs must be pixels scaled to 0..1, but these range from "
                            f"{float(x.min()):.4g} to {float(x.max()):.4g}; give uint8 pixels (0..255) or divide "
                            "them by 255")
-        x = x.float()
+        dtype = self.info.get("input_dtype")  # a user's data set's inputs keep their dtype (token ids, ...)
+        x = x.to(getattr(torch, dtype)) if dtype and not images else x.float()
         if self.info["mean"] is not None:
             shape = (-1, 1, 1) if images else (-1,)  # per channel, or per feature
             x = (x - torch.tensor(self.info["mean"], device=self.device).view(shape)) / \
@@ -147,13 +148,19 @@ class Model:
         return out.softmax(1) if self.info["task"] == "classification" else out
 
 
-def load_model(path: str | Path, device: str = "cpu") -> Model:
+def load_model(path: str | Path, device: str = "cpu", model: Optional[nn.Module] = None) -> Model:
     """A checkpoint's model for inference, with its training preprocessing (stored in the checkpoint;
-    rebuilt from its data config for checkpoints older than that)."""
+    rebuilt from its data config for checkpoints older than that). The model is rebuilt from the
+    `_target_` and arguments the checkpoint records (its package must be importable), or is `model`: an
+    instance of the same class to load the weights into (for a model dtrain.fit was given as an object)."""
     state = ckpt.load(Path(path))
-    cfg = checkpoint_config(state)
-    info = state.get("data") or data.build(cfg.data, w.World()).describe()
-    net = models.build(cfg.model, info["task"], tuple(info["shape"]), info["out"], cfg.data.name)
+    try:
+        cfg = checkpoint_config(state, given=frozenset({"model"}) if model is not None else frozenset())
+        info = state.get("data") or data.build(cfg.data, w.World()).describe()
+        net = model if model is not None else \
+            models.build(cfg.model, info["task"], tuple(info["shape"]), info["out"], cfg.data.name)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt: {e}") from e
     try:
         models.load_weights(net, cfg.model.name, state["model"])
     except RuntimeError as e:
@@ -163,15 +170,17 @@ def load_model(path: str | Path, device: str = "cpu") -> Model:
     return Model(net.to(dev).eval(), cfg, info, dev, str(path))
 
 
-def checkpoint_config(state: dict, **sections: dict) -> Config:
-    """The config a checkpoint was trained with, `sections` (data=..., trainer=..., dist=...) on top."""
+def checkpoint_config(state: dict, given: frozenset = frozenset(), **sections: dict) -> Config:
+    """The config a checkpoint was trained with, `sections` (data=..., trainer=..., dist=...) on top, and
+    without its callbacks (using a model needs none of them, nor their packages)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), state["config"], {**sections, "resume": "none"})
+        OmegaConf.update(merged, "callbacks", {}, merge=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '') or 'override'}: {str(e).splitlines()[0]}") from e
-    return app.make_config(merged)
+    return app.make_config(merged, given)
 
 
 def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = None, **sections: dict) -> dict:
@@ -195,8 +204,9 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     model = load_model(path, str(world.device)).net
     task = TASKS[splits.task]
     result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world), task, world,
-                            cfg.trainer.precision, lambda out, y: task.loss(out, y, cfg.trainer.label_smoothing),
-                            classes=splits.out if task.classifies else 0)
+                            cfg.trainer.precision, build.make_loss(cfg, task, None),
+                            classes=splits.out if task.classifies else 0,
+                            extra=build.make_metrics(cfg, None, world.device))
     if "confusion" in result:
         rows = result["confusion"]
         result["classes"] = splits.class_names or [str(i) for i in range(splits.out)]

@@ -36,10 +36,11 @@ CONF_DIR = conf_dir()
 config.register()
 
 
-def make_config(dcfg: DictConfig) -> Config:
-    """A composed DictConfig as the typed, validated Config, checked against the registries' names."""
-    return config.to_config(dcfg, {"model": models.MODELS, "data": data.DATASETS, "optim": optim.OPTIMIZERS,
-                                   "sched": optim.SCHEDULES, "data.augment": augment.NAMES})
+def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config:
+    """A composed DictConfig as the typed, validated Config, checked against the registries' names.
+    `given`: the parts dtrain.fit passes as objects."""
+    return config.to_config(dcfg, {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES},
+                            {"model": models.BUILTIN, "data": data.BUILTIN}, given)
 
 
 def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) -> int:

@@ -3,6 +3,9 @@ parts of a run. Nothing here trains; `Trainer` (dtrain/trainer.py) only runs the
 
     data -> task -> model -> strategy (wrap) -> optimizer, scheduler, scaler -> loss, metrics
     -> callbacks (the user's, then dtrain's own) -> metric sinks -> checkpointer
+
+Each of model, data, loss, metrics and callbacks comes from its `_target_` in the config, or, when
+`dtrain.fit` passes them as `Objects`, from the object itself.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 from dtrain import callbacks as cb
-from dtrain import data, models, optim, perf, strategy
+from dtrain import data, models, optim, perf, plugins, strategy
 from dtrain import world as w
 from dtrain.checkpoint import Checkpointer, seed_everything
 from dtrain.config import Config, Precision, as_dict
@@ -22,6 +25,16 @@ from dtrain.errors import ConfigError
 from dtrain.logs import Context, MetricLogger
 from dtrain.rundir import RunDir
 from dtrain.tasks import TASKS, Task
+
+
+@dataclass
+class Objects:
+    """What `dtrain.fit` was given instead of `_target_`s (None: the config's)."""
+    model: Any = None  # an nn.Module, or a callable returning one (given input_shape, num_outputs, ...)
+    data: Any = None  # a Dataset, a dict of splits, or a callable returning either
+    loss: Any = None  # an nn.Module loss, or a function (output, target) -> scalar
+    metrics: Optional[dict] = None  # name -> a torchmetrics Metric, or a function (output, target) -> value
+    callbacks: tuple = ()
 
 
 @dataclass
@@ -40,6 +53,7 @@ class Parts:
     scheduler: Any
     scaler: torch.amp.GradScaler
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metrics: dict  # name -> extra validation metric
     callbacks: cb.Callbacks
     logger: MetricLogger
     checkpointer: Checkpointer
@@ -49,13 +63,14 @@ class Parts:
     extras: dict = field(default_factory=dict)
 
 
-def parts(cfg: Config, world: w.World, run: RunDir, user_callbacks: Optional[dict] = None) -> Parts:
-    tc = cfg.trainer
+def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] = None) -> Parts:
+    tc, given = cfg.trainer, objects or Objects()
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    splits = data.build(cfg.data, world)
+    splits = data.build(cfg.data, world, _called(given.data, {"options": cfg.data, "world": world}))
     task = TASKS[splits.task]
     input_format = perf.memory_format(tc.channels_last, splits.shape)
-    model = models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
+    model = models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name) if given.model is None \
+        else models.from_object(given.model, splits.task, splits.shape, splits.out)
     if cfg.model.init_from:  # before wrapping, which starts every rank from rank 0's weights
         models.init_from(model, cfg.model.name, cfg.model.init_from)
     model.to(world.device, memory_format=input_format)
@@ -69,7 +84,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, user_callbacks: Optional[dic
     steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
     optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim)
     monitor = task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
-    callbacks = cb.Callbacks({**(user_callbacks or {}), **own_callbacks(cfg, world, run, splits, task, monitor)})
+    callbacks = cb.Callbacks({**user_callbacks(cfg, given.callbacks), **own_callbacks(cfg, run, splits, task, monitor)})
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
     return Parts(
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
@@ -77,7 +92,8 @@ def parts(cfg: Config, world: w.World, run: RunDir, user_callbacks: Optional[dic
         scheduler=optim.build_scheduler(optimizer, cfg.sched, cfg.optim.lr, total_steps, steps_per_epoch),
         # fp16 only: its narrow range makes small gradients underflow unless the loss is scaled up first.
         scaler=torch.amp.GradScaler(world.device.type, enabled=tc.precision == Precision.fp16),
-        loss=lambda out, y: task.loss(out, y, tc.label_smoothing),
+        loss=make_loss(cfg, task, given.loss),
+        metrics=make_metrics(cfg, given.metrics, world.device),
         callbacks=callbacks,
         logger=MetricLogger(world, run, cfg.logger, Context(cfg.name, as_dict(cfg), tc.epochs, total_steps,
                                                             samples_per_step)),
@@ -101,8 +117,50 @@ def schedule_length(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
     return per_epoch, min(total, tc.max_steps) if tc.max_steps > 0 else total
 
 
-def own_callbacks(cfg: Config, world: w.World, run: RunDir, splits: data.Splits, task: Task,
-                  monitor: str) -> dict[str, Any]:
+def _called(made: Any, offers: dict) -> Any:
+    """A factory from dtrain.fit, called with what dtrain offers and it takes; anything else as it is."""
+    if callable(made) and not isinstance(made, (nn.Module, torch.utils.data.Dataset)):
+        return made(**plugins.accepted(made, offers))
+    return made
+
+
+def make_loss(cfg: Config, task: Task, given: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss: dtrain.fit's, the config's `loss: {_target_: ...}`, or the task's own."""
+    loss = given if given is not None else (
+        plugins.function_or_instance("loss", cfg.loss, positional=2) if cfg.loss is not None else None)
+    if loss is None:
+        return lambda out, y: task.loss(out, y, cfg.trainer.label_smoothing)
+    if not callable(loss):
+        raise ConfigError(f"loss: {type(loss).__name__} is not callable; give an nn.Module loss or a function "
+                          "(output, target) -> scalar")
+    return loss
+
+
+def make_metrics(cfg: Config, given: Optional[dict], device: torch.device) -> dict[str, Any]:
+    """Extra validation metrics by name: torchmetrics-like objects (update/compute/reset) or functions
+    (output, target) -> a batch's mean value."""
+    metrics = dict(given) if given is not None else {
+        name: plugins.function_or_instance(f"metrics.{name}", target, positional=2)
+        for name, target in cfg.metrics.items()}
+    for name, metric in metrics.items():
+        if not callable(metric) and not all(hasattr(metric, m) for m in ("update", "compute", "reset")):
+            raise ConfigError(f"metrics.{name}: a {type(metric).__name__} is neither a metric object (update, "
+                              "compute, reset) nor a function (output, target) -> value")
+        if isinstance(metric, nn.Module):
+            metric.to(device)
+    return metrics
+
+
+def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:
+    """The config's callbacks by name (built from their `_target_`s), then dtrain.fit's, named by class."""
+    made = {name: plugins.instantiate(f"callbacks.{name}", target) for name, target in cfg.callbacks.items()}
+    for i, callback in enumerate(given):
+        name = type(callback).__name__
+        made[name if name not in made else f"{name}_{i}"] = callback
+    return made
+
+
+def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, monitor: str) -> dict[str, Any]:
     """dtrain's own callbacks, after the user's: early stopping, throughput/MFU, the profiler, the plots."""
     es = cfg.trainer.early_stopping
     own: dict[str, Any] = {

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dtrain import rundir
+from dtrain import plugins, rundir
 from dtrain import world as world_env
 from dtrain.errors import ConfigError
 
@@ -64,19 +64,20 @@ class TaskName(str, enum.Enum):  # what a CSV file's target column is (data=csv)
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    """`model`: `_target_` (any callable returning an nn.Module) and its keyword arguments, beside dtrain's
+    own keys below; dtrain's keys are never passed to the callable, every other key is (`kwargs`)."""
+    name: str = ""  # what the run is named after; "": the last part of _target_
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
-    dropout: float = 0.0  # mlp, mlp3, lenet, convnet: dropout after each hidden fully connected layer
-    batchnorm: Optional[bool] = None  # convnet: BatchNorm after each convolution (None: the model's default, on)
     init_from: Optional[str] = None  # a saved state_dict (or dtrain checkpoint) to start from, not random weights
+    factory: Optional[str] = None  # `_target_` in the config
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist_sample"
-    root: Optional[str] = None  # folder of the full data sets (mnist, cifar10, imagefolder)
-    download: bool = True  # fetch mnist/cifar10 with torchvision when missing and a network exists
-    verify_checksums: bool = True  # md5 of the official CIFAR-10 files
+    """`data`: `_target_` (a callable returning a map-style Dataset or a dict of splits, or dtrain's Splits)
+    and its keyword arguments, beside dtrain's own loader keys below, which are never passed to it."""
+    name: str = ""  # what the run is named after; "": the last part of _target_
     batch_size: int = 128  # GLOBAL batch per micro-step, split evenly across ranks
     eval_batch_size: int = 1000  # global batch for validation/test
     val_fraction: float = 0.1  # share of the training split held out for validation
@@ -97,18 +98,11 @@ class DataConfig:
     normalize: bool = True  # images: per channel; csv: per feature, with the training split's statistics
     mean: Optional[list[float]] = None  # per channel (csv: per feature); None: the training split's own statistics
     std: Optional[list[float]] = None
-    image_size: int = 32  # imagefolder: images are resized to this square
-    # csv: a table with a header row; `target` is the column to predict, the features are `features` or
-    # every other column
-    path: Optional[str] = None
-    target: Optional[str] = None
-    features: Optional[list[str]] = None
-    task: Optional[TaskName] = None  # csv only: regression or classification (its labels may be words)
-    # synthetic / regression
-    shape: list[int] = field(default_factory=lambda: [1, 28, 28])
-    num_classes: int = 10
-    num_samples: int = 2048
-    noise: float = 0.1
+    # regression or classification: data=csv needs it; for your own data set it overrides what the targets'
+    # dtype says (integers: classification)
+    task: Optional[TaskName] = None
+    factory: Optional[str] = None  # `_target_` in the config
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -216,10 +210,28 @@ class LauncherConfig:  # read by dtrain.launch only (see its docstring); 0 and "
     monitor_interval: float = 1.0
 
 
+def own_defaults(schema: type) -> dict:
+    """dtrain's keys of `model` or `data` with their defaults: always in the composed config, so each can
+    be overridden on the command line beside whatever keys the chosen group file adds."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.name in ("factory", "kwargs"):
+            continue
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = value.value if isinstance(value, enum.Enum) else value
+    return out
+
+
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # model and data mix dtrain's keys with the keyword arguments of their `_target_`: composed as plain
+    # dicts, typed as ModelConfig and DataConfig by `to_config`. loss, metrics and callbacks are `_target_`s
+    # too (plugins.Target once typed): metrics and callbacks by name, so one can be overridden or removed.
+    model: Any = field(default_factory=lambda: own_defaults(ModelConfig))
+    data: Any = field(default_factory=lambda: own_defaults(DataConfig))
+    loss: Any = None  # {_target_: an nn.Module loss, or a function (output, target) -> scalar}; None: the task's
+    metrics: Any = field(default_factory=dict)  # name -> {_target_: ...}: extra validation metrics
+    callbacks: Any = field(default_factory=dict)  # name -> {_target_: ...}: see dtrain/callbacks.py
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -228,7 +240,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    name: str = "${model.name}-${data.name}"
+    name: str = "${dtrain_run_name:}"  # <model name>-<data name>
     seed: int = 0
     resume: str = "auto"  # auto | last (the newest run of this config) | none | PATH to a checkpoint file
 
@@ -241,6 +253,18 @@ def register() -> None:
         OmegaConf.register_new_resolver("dtrain_run_id", rundir.folder_id)
         OmegaConf.register_new_resolver("dtrain_sweep_id", rundir.sweep_id)
         OmegaConf.register_new_resolver("dtrain_choices", choices_help)
+        OmegaConf.register_new_resolver("dtrain_run_name", run_name)
+
+
+def part_name(node: Any) -> str:
+    """A model's or data set's name: its `name`, else the last part of its `_target_`."""
+    if not isinstance(node, Mapping):
+        return "?"
+    return str(node.get("name") or plugins.short_name(str(node.get("_target_") or "?")))
+
+
+def run_name(*, _root_: DictConfig) -> str:
+    return f"{part_name(_root_.get('model'))}-{part_name(_root_.get('data'))}"
 
 
 def choices_help() -> str:
@@ -286,42 +310,115 @@ def refuse_unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None
             refuse_unknown_keys(node, kind, f"{name}.")
 
 
-def to_config(cfg: DictConfig, choices: Mapping[str, Sequence[str]]) -> Config:
-    """The composed DictConfig as a typed, resolved, validated `Config`. `choices` maps the group names
-    (model, data, optim, sched) to the names their registries know."""
+def to_config(cfg: DictConfig, choices: Mapping[str, Sequence[str]],
+              builtins: Mapping[str, Mapping[str, str]] = {}, given: frozenset[str] = frozenset()) -> Config:
+    """The composed DictConfig as a typed, resolved, validated `Config`. `choices` maps the groups with
+    registries (optim, sched, data.augment) to the names they know; `builtins` maps "model" and "data" to
+    dtrain's own names and their `_target_`s, for configs saved before `_target_` existed. `given`: the
+    parts dtrain.fit passes as objects, whose `_target_` records their class but is not built from."""
     refuse_unknown_keys(cfg, Config)
     obj = to_object(cfg)
     assert isinstance(obj, Config)
-    validate(obj, choices)
+    obj.model = typed_part("model", ModelConfig, obj.model, builtins.get("model", {}))
+    obj.data = typed_part("data", DataConfig, obj.data, builtins.get("data", {}))
+    obj.loss = plugins.from_node("loss", obj.loss) if obj.loss is not None else None
+    obj.metrics, obj.callbacks = named_targets("metrics", obj.metrics), named_targets("callbacks", obj.callbacks)
+    validate(obj, choices, given)
     return obj
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+def typed_part(key: str, schema: type, node: Any, legacy: Mapping[str, str]) -> Any:
+    """`model` or `data` as its schema: dtrain's own keys typed and checked, `_target_` as `factory`, every
+    other key in `kwargs` for the factory."""
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}: expected a config group (a mapping with _target_), found {node!r}")
+    rest = dict(node)
+    factory = rest.pop("_target_", None)
+    own = {f.name for f in dataclasses.fields(schema)} - {"factory", "kwargs"}
+    mine = {k: rest.pop(k) for k in list(rest) if k in own}
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), mine))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}.{getattr(e, 'full_key', '') or ''}: {str(e).splitlines()[0]}") from None
+    if factory is None and typed.name in legacy:  # saved before _target_: dtrain's own, by name, with every
+        factory = legacy[typed.name]  # key of the old flat schema; keep those the factory takes
+        params = plugins.accepted(plugins.resolve(f"{key}._target_", factory), rest)
+        rest = {k: v for k, v in rest.items() if k in params}
+    typed.factory, typed.kwargs = factory, rest
+    typed.name = typed.name or (plugins.short_name(factory) if factory else "")
+    return typed
+
+
+def named_targets(key: str, node: Any) -> dict[str, plugins.Target]:
+    """metrics/callbacks: name -> {_target_: ...} (a null entry is removed); a list is named by its targets."""
+    if node is None:
+        return {}
+    if isinstance(node, list):
+        node = {plugins.short_name(str(e.get("_target_", "?"))).lower() if isinstance(e, Mapping) else str(i): e
+                for i, e in enumerate(node)}
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}: expected named entries ({key}.NAME: {{_target_: ...}}), found {node!r}")
+    return {str(n): plugins.from_node(f"{key}.{n}", v) for n, v in node.items() if v is not None}
+
+
+def fail(key: str, value: Any, allowed: str) -> None:
+    """One ConfigError naming the key, its value and what is allowed."""
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
 def _one_of(key: str, value: Any, choices) -> None:
     if value not in choices:
-        _fail(key, value, "choose one of " + ", ".join(map(str, choices)))
+        fail(key, value, "choose one of " + ", ".join(map(str, choices)))
 
 
 def _positive(key: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
-        _fail(key, value, "must be > 0")
+        fail(key, value, "must be > 0")
 
 
 def _non_negative(key: str, value: float) -> None:
     if not (value >= 0 and math.isfinite(value)):
-        _fail(key, value, "must be >= 0")
+        fail(key, value, "must be >= 0")
 
 
-def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
+MODEL_OFFERS = ("input_shape", "num_outputs", "num_classes")  # what dtrain passes a model factory that takes it
+DATA_OFFERS = ("options", "world")  # what dtrain passes a data factory that takes it
+
+
+def check_targets(cfg: Config, given: frozenset[str] = frozenset()) -> None:
+    """Every `_target_` resolves and takes the keyword arguments its config gives: imports modules, builds
+    nothing (so the launcher can run it before any worker starts). Parts in `given` come as objects."""
+    for key, part in (("model", cfg.model), ("data", cfg.data)):
+        if not part.factory and key not in given:
+            raise ConfigError(f"{key}: no _target_; choose {key}=NAME, a file {key}/NAME.yaml with "
+                              "_target_: package.module.Name and its keyword arguments")
+    if "model" not in given:
+        factory = plugins.check("model", cfg.model.factory, cfg.model.kwargs, MODEL_OFFERS)
+        if hasattr(factory, "dtrain_check"):  # dtrain's own models check their options here
+            factory.dtrain_check(cfg.model)
+    if "data" not in given:
+        builder = plugins.check("data", cfg.data.factory, cfg.data.kwargs, DATA_OFFERS)
+        if cfg.data.task is not None and getattr(builder, "dtrain_task", None):
+            fail("data.task", cfg.data.task.value, f"data={cfg.data.name} decides its own task; data.task is "
+                 "for data=csv and your own data sets")
+        if hasattr(builder, "dtrain_check"):  # dtrain's own data sets check their arguments here
+            builder.dtrain_check(cfg.data)
+    if cfg.loss is not None and "loss" not in given:
+        plugins.check_callable("loss", cfg.loss, positional=2)
+    for name, target in cfg.metrics.items():
+        plugins.check_callable(f"metrics.{name}", target, positional=2)
+    for name, target in cfg.callbacks.items():
+        plugins.check(f"callbacks.{name}", target.path, target.kwargs)
+
+
+def validate(cfg: Config, choices: Mapping[str, Sequence[str]], given: frozenset[str] = frozenset()) -> None:
     """Check every value once, before anything is built. Raises ConfigError naming the key."""
     for key, names in choices.items():  # "model": model.name; "data.augment": each name in the list
         section, _, attr = key.partition(".")
         value = getattr(getattr(cfg, section), attr or "name")
         for one in value if isinstance(value, list) else [value]:
             _one_of(key, one, sorted(names))
+    check_targets(cfg, given)
 
     _positive("optim.lr", cfg.optim.lr)
     _positive("data.batch_size", cfg.data.batch_size)
@@ -338,9 +435,9 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
     _positive("logger.wandb_init_timeout_s", cfg.logger.wandb_init_timeout_s)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
-        _fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")
+        fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")
     for key in ("optim.weight_decay", "optim.eps", "optim.momentum", "trainer.grad_clip",
-                "trainer.label_smoothing", "data.num_workers", "data.noise", "sched.warmup_steps",
+                "trainer.label_smoothing", "data.num_workers", "sched.warmup_steps",
                 "sched.min_lr", "checkpoint.every_n_epochs", "checkpoint.every_n_steps",
                 "debug.limit_batches", "debug.overfit_batches", "launcher.nproc_per_node", "launcher.nnodes",
                 "launcher.max_restarts", "optim.l1", "optim.lr_decay", "data.crop_padding", "data.rotate_degrees",
@@ -349,44 +446,35 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]]) -> None:
         _non_negative(key, getattr(getattr(cfg, section), name))
     for key in ("patience", "min_delta"):
         _non_negative(f"trainer.early_stopping.{key}", getattr(cfg.trainer.early_stopping, key))
-    if not 0 <= cfg.model.dropout < 1:
-        _fail("model.dropout", cfg.model.dropout, "must be in [0, 1)")
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).expanduser().is_file():
-        _fail("model.init_from", cfg.model.init_from, "no such file; give the path of a saved state_dict")
+        fail("model.init_from", cfg.model.init_from, "no such file; give the path of a saved state_dict")
     lo_hi = cfg.data.scale_range
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-        _fail("data.scale_range", lo_hi, "two numbers 0 < lo <= hi, e.g. [0.9, 1.1]")
-    _check_csv(cfg.data)
+        fail("data.scale_range", lo_hi, "two numbers 0 < lo <= hi, e.g. [0.9, 1.1]")
     if not 0 <= cfg.trainer.label_smoothing < 1:
-        _fail("trainer.label_smoothing", cfg.trainer.label_smoothing, "must be in [0, 1)")
+        fail("trainer.label_smoothing", cfg.trainer.label_smoothing, "must be in [0, 1)")
     if not 0 < cfg.data.val_fraction < 1:
-        _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+        fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
     if not 0 < cfg.sched.pct_start < 1:
-        _fail("sched.pct_start", cfg.sched.pct_start, "must be in (0, 1)")
+        fail("sched.pct_start", cfg.sched.pct_start, "must be in (0, 1)")
     if not 0 < cfg.sched.warmup_start_factor <= 1:
-        _fail("sched.warmup_start_factor", cfg.sched.warmup_start_factor, "must be in (0, 1]")
+        fail("sched.warmup_start_factor", cfg.sched.warmup_start_factor, "must be in (0, 1]")
     if cfg.sched.name == "onecycle" and cfg.sched.warmup_steps:
-        _fail("sched.warmup_steps", cfg.sched.warmup_steps,
+        fail("sched.warmup_steps", cfg.sched.warmup_steps,
               "sched=onecycle warms up by itself (sched.pct_start); set sched.warmup_steps=0")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        _fail("optim.betas", cfg.optim.betas, "two numbers in [0, 1)")
+        fail("optim.betas", cfg.optim.betas, "two numbers in [0, 1)")
     if cfg.sched.step_size < 1:
-        _fail("sched.step_size", cfg.sched.step_size, "must be >= 1 (epochs)")
-    if cfg.data.num_samples < 2:
-        _fail("data.num_samples", cfg.data.num_samples, "must be >= 2")
-    if cfg.data.num_classes < 2:
-        _fail("data.num_classes", cfg.data.num_classes, "must be >= 2")
-    if not cfg.data.shape or any(d < 1 for d in cfg.data.shape):
-        _fail("data.shape", cfg.data.shape, "a list of positive sizes, e.g. [1,28,28] or [8]")
+        fail("sched.step_size", cfg.sched.step_size, "must be >= 1 (epochs)")
     for key in ("mean", "std"):
         value = getattr(cfg.data, key)
         if value is not None and (not value or (key == "std" and min(value) <= 0)):
-            _fail(f"data.{key}", value, "one number per channel" + (", all > 0" if key == "std" else ""))
+            fail(f"data.{key}", value, "one number per channel" + (", all > 0" if key == "std" else ""))
     if cfg.trainer.device not in ("auto", "cpu", "cuda") and not cfg.trainer.device.startswith("cuda:"):
-        _fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
+        fail("trainer.device", cfg.trainer.device, "auto, cpu, cuda or cuda:N")
     _check_endpoint(cfg.launcher.rdzv_endpoint)
     if cfg.resume not in ("auto", "none") and not cfg.resume:
-        _fail("resume", cfg.resume, "auto, last, none or the path of a checkpoint file")
+        fail("resume", cfg.resume, "auto, last, none or the path of a checkpoint file")
 
 
 def _check_endpoint(endpoint: str) -> None:
@@ -395,25 +483,8 @@ def _check_endpoint(endpoint: str) -> None:
         return
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
-        _fail("launcher.rdzv_endpoint", endpoint, "HOST:PORT with a port number 0..65535 (e.g. node0:29500), or "
+        fail("launcher.rdzv_endpoint", endpoint, "HOST:PORT with a port number 0..65535 (e.g. node0:29500), or "
               "empty for this host on a free port")
-
-
-def _check_csv(cfg: DataConfig) -> None:
-    """data=csv needs a file and a target column; data.task only means something for it."""
-    if cfg.name != "csv":
-        if cfg.task is not None:
-            _fail("data.task", cfg.task.value, f"data={cfg.name} decides its own task; data.task is for data=csv")
-        return
-    if not cfg.path:
-        _fail("data.path", cfg.path, "data=csv needs the path of a CSV file with a header row")
-    if not cfg.target:
-        _fail("data.target", cfg.target, "data=csv needs the name of the column to predict")
-    if cfg.task is None:
-        _fail("data.task", None, "data=csv needs regression or classification")
-    if cfg.features is not None and (not cfg.features or cfg.target in cfg.features):
-        _fail("data.features", cfg.features, "the feature columns: a non-empty list without data.target "
-              "(null: every column but the target)")
 
 
 def check_world(cfg: Config, world: world_env.World) -> None:
@@ -422,11 +493,11 @@ def check_world(cfg: Config, world: world_env.World) -> None:
     for key in ("batch_size", "eval_batch_size"):
         value = getattr(cfg.data, key)
         if value % world.world_size:
-            _fail(f"data.{key}", value,
+            fail(f"data.{key}", value,
                   f"the global batch must divide evenly by the world size {world.world_size}")
     problem = precision_problem(cfg.trainer.precision, world.device)
     if problem:
-        _fail("trainer.precision", cfg.trainer.precision.value, problem)
+        fail("trainer.precision", cfg.trainer.precision.value, problem)
 
 
 def precision_problem(precision: Precision, device) -> Optional[str]:
@@ -450,6 +521,20 @@ def precision_problem(precision: Precision, device) -> Optional[str]:
                             "use trainer.precision=fp32")
 
 
-def as_dict(cfg: Config) -> dict:
-    """Plain values only (enums as their names), as checkpoints and summaries store them."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+def as_dict(cfg: Any) -> Any:
+    """Plain values only (enums as their names), as checkpoints and summaries store them; model and data
+    as the config wrote them (`_target_` beside their keyword arguments and dtrain's keys)."""
+    if isinstance(cfg, (ModelConfig, DataConfig)):
+        own = {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in ("factory", "kwargs")}
+        return {"_target_": cfg.factory, **own, **as_dict(cfg.kwargs)}
+    if isinstance(cfg, plugins.Target):
+        return as_dict(cfg.as_dict())
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, Mapping):
+        return {k: as_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [as_dict(v) for v in cfg]
+    return cfg

@@ -1,4 +1,5 @@
-"""The workloads, registered by name. Each builder takes the input shape and output size of the data.
+"""dtrain's own workloads, named in conf/model/NAME.yaml by `_target_` exactly as a user's model is: each
+factory takes the data's `input_shape` and `num_outputs` (dtrain passes them) and its own options.
 
 The layers carry the names of the PyTorch tutorials' classes (`fc1`, `conv1`, `linear`, ...), so a
 state_dict saved by dtrain loads with strict=True into the tutorial's own class and the other way round
@@ -11,12 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain import plugins
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 
@@ -106,68 +108,110 @@ class Linear(nn.Module):
         return self.linear(x.flatten(1))
 
 
-def resnet18(shape: tuple[int, ...], out: int) -> nn.Module:
+def resnet18(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     from torchvision.models import resnet18 as tv_resnet18  # imported here: torchvision is slow to import
-    net = tv_resnet18(num_classes=out)
+    net = tv_resnet18(num_classes=num_outputs)
     # Small-image stem (CIFAR-style): a 3x3 stride-1 conv and no max-pool keep 32x32 inputs informative.
-    net.conv1 = nn.Conv2d(shape[0], 64, 3, stride=1, padding=1, bias=False)
+    net.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
 
 
+def mlp(input_shape: tuple[int, ...], num_outputs: int, dropout: float = 0.0) -> nn.Module:
+    """The MNIST tutorial's SimpleNet: fc1 ->128, fc2 -> outputs."""
+    return MLP(math.prod(input_shape), (128,), num_outputs, dropout)
+
+
+def mlp3(input_shape: tuple[int, ...], num_outputs: int, dropout: float = 0.0) -> nn.Module:
+    """The MNIST tutorial's 3-layer Net: fc1 ->128, fc2 ->64, fc3 -> outputs."""
+    return MLP(math.prod(input_shape), (128, 64), num_outputs, dropout)
+
+
+def lenet(input_shape: tuple[int, ...], num_outputs: int, dropout: float = 0.0) -> nn.Module:
+    return LeNet(input_shape, num_outputs, dropout)
+
+
+def convnet(input_shape: tuple[int, ...], num_outputs: int, dropout: float = 0.0,
+            batchnorm: Optional[bool] = True) -> nn.Module:
+    return ConvNet(input_shape, num_outputs, dropout, True if batchnorm is None else batchnorm)
+
+
+def linear(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return Linear(math.prod(input_shape), num_outputs)
+
+
+def _check_dropout(cfg: ModelConfig) -> None:
+    p = cfg.kwargs.get("dropout", 0.0)
+    if not 0 <= p < 1:
+        raise ConfigError(f"model.dropout={p!r} is not allowed: must be in [0, 1)")
+
+
+for _factory in (mlp, mlp3, lenet, convnet):
+    _factory.dtrain_check = _check_dropout
+
+
 @dataclass(frozen=True)
 class Spec:
-    builder: Callable[..., nn.Module]  # (shape, out, **options) -> model
+    """What dtrain knows of its own models beyond their `_target_` (conf/model/NAME.yaml names it)."""
     task: str  # the task it solves
     rank: int | None = None  # the input rank it needs: None = any, 3 = C x H x W images
-    options: tuple[str, ...] = ()  # the model.* options it takes beyond its name
     # Layer names of dtrain before the tutorial names (nn.Sequential indices): old checkpoints still load.
     legacy: Mapping[str, str] | None = None
 
 
+# dtrain's own models, registered the way a user's are: conf/model/NAME.yaml has `_target_: dtrain.models.NAME`.
 MODELS: dict[str, Spec] = {
-    "mlp": Spec(lambda shape, out, **o: MLP(math.prod(shape), (128,), out, **o), "classification",
-                options=("dropout",), legacy={"1.": "fc1.", "3.": "fc2."}),
-    "mlp3": Spec(lambda shape, out, **o: MLP(math.prod(shape), (128, 64), out, **o), "classification",
-                 options=("dropout",), legacy={"1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
-    "lenet": Spec(LeNet, "classification", 3, ("dropout",),
-                  {"0.0.": "conv1.", "0.3.": "conv2.", "1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
-    "convnet": Spec(ConvNet, "classification", 3, ("dropout", "batchnorm"),
-                    {"0.0.": "conv1.", "0.1.": "bn1.", "0.4.": "conv2.", "0.5.": "bn2.", "1.": "fc1.", "3.": "fc2."}),
-    "resnet18": Spec(resnet18, "classification", 3),
-    "linear": Spec(lambda shape, out: Linear(math.prod(shape), out), "regression", legacy={"1.": "linear."}),
+    "mlp": Spec("classification", legacy={"1.": "fc1.", "3.": "fc2."}),
+    "mlp3": Spec("classification", legacy={"1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
+    "lenet": Spec("classification", 3, {"0.0.": "conv1.", "0.3.": "conv2.", "1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
+    "convnet": Spec("classification", 3, {"0.0.": "conv1.", "0.1.": "bn1.", "0.4.": "conv2.", "0.5.": "bn2.",
+                                          "1.": "fc1.", "3.": "fc2."}),
+    "resnet18": Spec("classification", 3),
+    "linear": Spec("regression", legacy={"1.": "linear."}),
 }
-
-
-def _options(cfg: ModelConfig, spec: Spec) -> dict:
-    """The model.* options `cfg` sets; one the model does not take is a ConfigError, never ignored."""
-    given = {"dropout": cfg.dropout} if cfg.dropout else {}
-    if cfg.batchnorm is not None:
-        given["batchnorm"] = cfg.batchnorm
-    for key in given:
-        if key not in spec.options:
-            takers = sorted(n for n, s in MODELS.items() if key in s.options)
-            raise ConfigError(f"model.{key}={given[key]!r} is not an option of model={cfg.name}; "
-                              f"models that take it: {', '.join(takers)}")
-    return given
+BUILTIN = {name: f"dtrain.models.{name}" for name in MODELS}  # name -> _target_, for configs from before _target_
 
 
 def build(cfg: ModelConfig, task: str, shape: tuple[int, ...], out: int, data_name: str) -> nn.Module:
-    """The model `cfg.name` for data of `shape` with `out` outputs; ConfigError if they cannot pair."""
-    spec = MODELS[cfg.name]
-    pairs = sorted(n for n, s in MODELS.items() if s.task == task)
-    if spec.task != task:
-        raise ConfigError(f"model={cfg.name} solves {spec.task} but data={data_name} is a {task} task; "
-                          f"use one of model={', '.join(pairs)}")
-    if spec.rank is not None and len(shape) != spec.rank:
-        raise ConfigError(f"model={cfg.name} needs C x H x W images but data={data_name} gives shape "
-                          f"{list(shape)}; use model=mlp or data with images")
-    options = _options(cfg, spec)
+    """The model `cfg` names (its `_target_` and keyword arguments) for data of `shape` with `out` outputs.
+    The factory is also given `input_shape`, `num_outputs` and (classification) `num_classes` when it takes
+    them by name. ConfigError if model and data cannot pair."""
+    spec = MODELS.get(cfg.name) if cfg.factory == BUILTIN.get(cfg.name) else None
+    if spec is not None:
+        pairs = sorted(n for n, s in MODELS.items() if s.task == task)
+        if spec.task != task:
+            raise ConfigError(f"model={cfg.name} solves {spec.task} but data={data_name} is a {task} task; "
+                              f"use one of model={', '.join(pairs)}")
+        if spec.rank is not None and len(shape) != spec.rank:
+            raise ConfigError(f"model={cfg.name} needs C x H x W images but data={data_name} gives shape "
+                              f"{list(shape)}; use model=mlp or data with images")
+    offers = {"input_shape": tuple(shape), "num_outputs": out, **({"num_classes": out} if task == "classification" else {})}
     try:
-        return spec.builder(tuple(shape), out, **options)
+        net = plugins.instantiate("model", plugins.Target(cfg.factory, cfg.kwargs), offers)
     except RuntimeError as e:  # e.g. images too small for LeNet's two 5x5 convolutions
+        if spec is None:
+            raise
         raise ConfigError(f"model={cfg.name} cannot take data={data_name} of shape {list(shape)}: "
                           f"{str(e).splitlines()[0]}") from e
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model: {cfg.factory} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def builtin(name: str, **options) -> ModelConfig:
+    """The config of dtrain's own model `name` with `options` (dropout=..., ...), as conf/model/NAME.yaml gives it."""
+    return ModelConfig(name=name, factory=BUILTIN[name], kwargs=options)
+
+
+def from_object(made: object, task: str, shape: tuple[int, ...], out: int) -> nn.Module:
+    """dtrain.fit's model: an nn.Module as it is, or a callable that returns one (given the keywords dtrain
+    offers a model factory and it takes)."""
+    if callable(made) and not isinstance(made, nn.Module):
+        offers = {"input_shape": tuple(shape), "num_outputs": out, **({"num_classes": out} if task == "classification" else {})}
+        made = made(**plugins.accepted(made, offers))
+    if not isinstance(made, nn.Module):
+        raise ConfigError(f"model: got a {type(made).__name__}, not a torch.nn.Module (or a callable returning one)")
+    return made
 
 
 def upgrade(name: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,8 +3,6 @@ utilisation against the GPU's peak; reported by dtrain.callbacks.Throughput), TF
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
 from typing import Optional
 
 import torch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +104,15 @@ TASKS: dict[str, Task] = {
         classifies=True),
     "regression": Task(
         "regression",
-        loss=lambda out, y, label_smoothing=0.0, reduction="mean": F.mse_loss(out, y, reduction=reduction),
+        loss=lambda out, y, label_smoothing=0.0, reduction="mean": F.mse_loss(out, _as_output(y, out),
+                                                                               reduction=reduction),
         extras=(), extra_sums=lambda out, y: [], monitor="val_loss"),
 }
+
+
+def _as_output(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Regression targets shaped like the outputs: a data set's scalar targets [N] against outputs [N, 1]."""
+    return y.reshape(out.shape).to(out.dtype) if y.numel() == out.numel() else y
 
 
 def autocast(device: torch.device, precision: Precision):
@@ -145,17 +151,52 @@ def macro_auc(scores: torch.Tensor, y: torch.Tensor) -> float:
     return float(auc[valid].mean()) if valid.any() else math.nan
 
 
+class ExtraMetrics:
+    """A user's validation metrics, each counted over every rank's samples once. An object with
+    update/compute/reset (a torchmetrics Metric, which gathers its state across ranks in compute) is fed
+    every batch; a function (output, target) gives a batch's mean, weighted by its samples and summed over
+    ranks."""
+
+    def __init__(self, metrics: Mapping[str, Any], device: torch.device):
+        self.stateful = {n: m for n, m in metrics.items() if hasattr(m, "update") and hasattr(m, "compute")}
+        self.functions = {n: m for n, m in metrics.items() if n not in self.stateful}
+        self.sums = torch.zeros(len(self.functions) + 1, dtype=torch.float64, device=device)  # ..., count
+        for m in self.stateful.values():
+            m.reset()
+
+    def update(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        for m in self.stateful.values():
+            m.update(out, y)
+        if self.functions:
+            n = len(y)
+            values = [torch.as_tensor(f(out, y), dtype=torch.float64, device=self.sums.device) * n
+                      for f in self.functions.values()]
+            self.sums += torch.stack([*values, torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def compute(self) -> dict[str, float]:
+        values = {}
+        for name, m in self.stateful.items():
+            values[name] = float(m.compute())
+            m.reset()
+        if self.functions:
+            totals = w.all_reduce_sum(self.sums.clone()).tolist()
+            values.update({n: v / max(totals[-1], 1) for n, v in zip(self.functions, totals)})
+        return values
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
              precision: Precision = Precision.fp32, loss: Callable | None = None,
-             limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
+             limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it,
+             extra: Mapping[str, Any] | None = None) -> dict:
     """The task's metrics over the loader's samples on all ranks, each sample counted once. With
     `classes`, also the confusion matrix (rows: true class, columns: predicted), summed over ranks, its
     macro F1, and the macro AUC-ROC of every rank's class probabilities gathered together (exact AUC needs
-    all the scores; F1 needs only the summed confusion matrix)."""
+    all the scores; F1 needs only the summed confusion matrix). `extra`: the user's metrics by name."""
     was_training = model.training
     model.eval()
     sums = task.zeros(world.device)
+    extras = ExtraMetrics(extra or {}, world.device)
     confusion = torch.zeros(classes * classes, dtype=torch.int64, device=world.device)
     scores, labels = [], []
     for i, (x, y) in enumerate(bar(loader)):
@@ -166,12 +207,13 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
             out = model(x)
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
         sums += task.batch_sums(loss(out, y) if loss is not None else task.loss(out, y, 0.0), out, y)
+        extras.update(out, y)
         if classes:
             confusion += torch.bincount(y * classes + out.argmax(1), minlength=classes * classes)
             scores.append(out.softmax(1))
             labels.append(y)
     model.train(was_training)
-    metrics: dict = task.reduce(sums)
+    metrics: dict = {**task.reduce(sums), **extras.compute()}
     if classes:
         confusion = w.all_reduce_sum(confusion).view(classes, classes)
         metrics["confusion"] = confusion.tolist()

@@ -38,6 +38,7 @@ class Trainer:
         for f in dataclasses.fields(parts):
             setattr(self, f.name, getattr(parts, f.name))
         self.shape = self.splits.shape
+        self.eval_names = (*self.task.eval_metrics, *self.metrics)  # val_*, test_*: the task's, then the user's
         self.forward = self.net  # what the step calls (tests and faults may wrap it)
         self.parameters = list(self.model.parameters())
         self.sync_every = self.cfg.trainer.sync_every_n_steps if self.world.distributed else 1  # local: free
@@ -165,14 +166,14 @@ class Trainer:
         tc = self.cfg.trainer
         return evaluate(self.model, loader, self.task, self.world, tc.precision, self.loss, self.cfg.debug.limit_batches,
                         classes=self.splits.out if self.task.classifies else 0,
-                        bar=lambda batches: self.logger.bar(batches, name, len(loader)))
+                        bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics)
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
         penalty = optim.l1_penalty(self.parameters, self.cfg.optim.l1)
         metrics = {"epoch": self.progress.epoch + 1, "step": self.progress.step,  # epochs count from 1
                    **{f"train_{k}": train[k] for k in self.task.metrics},
                    **({} if penalty is None else {"l1_penalty": penalty.item()}),
-                   **{f"val_{k}": val[k] for k in self.task.eval_metrics},
+                   **{f"val_{k}": val[k] for k in self.eval_names},
                    "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
                    "samples_per_sec": train["samples"] / max(epoch_time, 1e-9), "step_time_s": epoch_time / max(steps, 1)}
         self.callbacks.call("on_train_epoch_end", self, metrics)
@@ -180,7 +181,7 @@ class Trainer:
         self.logger.epoch(metrics)
 
     def finish(self, val: Optional[dict], wall: float, samples_per_sec: float, step_time: float) -> dict:
-        cfg, names = self.cfg, self.task.eval_metrics
+        cfg, names = self.cfg, self.eval_names
         if val is None and self.run.summary.exists():  # resumed a run that had already finished
             log.info(f"the run in {self.run} had already finished at step {self.progress.step}; its summary is kept")
             return json.loads(self.run.summary.read_text())

@@ -50,7 +50,7 @@ def test_every_group_option_composes_and_validates(group, options):
     ("dist.timeout_s=0", "dist.timeout_s=0.0"),
     ("data.val_fraction=1.0", "data.val_fraction=1.0 is not allowed: must be in (0, 1)"),
     ("data.num_workers=-1", "data.num_workers=-1"),
-    ("data.shape=[0,4]", "data.shape=[0, 4]"),
+    ("data=synthetic data.shape=[0,4]", "data.shape=[0, 4]"),
     ("optim.betas=[0.9]", "optim.betas=[0.9] is not allowed: two numbers in [0, 1)"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0"),
     ("sched=onecycle sched.warmup_steps=5", "sched=onecycle warms up by itself"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dtrain import models
-from dtrain.config import ConfigError, ModelConfig
+from dtrain.config import ConfigError
 
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -12,7 +12,7 @@ IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 @pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=["mnist", "cifar"])
 @pytest.mark.parametrize("name", ["mlp", "mlp3", "lenet", "convnet", "resnet18"])
 def test_classifier_runs_forward_and_backward_on_mnist_and_cifar_shapes(name, shape):
-    model = models.build(ModelConfig(name), "classification", shape, 10, "test")
+    model = models.build(models.builtin(name), "classification", shape, 10, "test")
     x = torch.randn(4, *shape)
     out = model(x)
     assert out.shape == (4, 10)
@@ -22,7 +22,7 @@ def test_classifier_runs_forward_and_backward_on_mnist_and_cifar_shapes(name, sh
 
 def test_the_mlps_lenet_and_convnet_have_the_tutorials_layer_names_and_sizes():
     def shapes(name, shape, **options):
-        net = models.build(ModelConfig(name, **options), "classification", shape, 10, "test")
+        net = models.build(models.builtin(name, **options), "classification", shape, 10, "test")
         return {k: tuple(v.shape) for k, v in net.state_dict().items() if k.endswith("weight")}
 
     assert shapes("mlp", (1, 28, 28)) == {"fc1.weight": (128, 784), "fc2.weight": (10, 128)}
@@ -36,13 +36,13 @@ def test_the_mlps_lenet_and_convnet_have_the_tutorials_layer_names_and_sizes():
 
 
 def test_resnet18_uses_a_small_image_stem():
-    net = models.build(ModelConfig("resnet18"), "classification", (3, 32, 32), 10, "test")
+    net = models.build(models.builtin("resnet18"), "classification", (3, 32, 32), 10, "test")
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, torch.nn.Identity)
 
 
 def test_linear_regression_maps_features_to_one_target():
-    model = models.build(ModelConfig("linear"), "regression", (8,), 1, "regression")
+    model = models.build(models.builtin("linear"), "regression", (8,), 1, "regression")
     assert model(torch.randn(5, 8)).shape == (5, 1)
 
 
@@ -54,4 +54,4 @@ def test_linear_regression_maps_features_to_one_target():
 ])
 def test_a_model_that_cannot_pair_with_the_data_is_a_config_error(name, task, shape, match):
     with pytest.raises(ConfigError, match=match):
-        models.build(ModelConfig(name), task, shape, 10, "somedata")
+        models.build(models.builtin(name), task, shape, 10, "somedata")

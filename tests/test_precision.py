@@ -129,29 +129,29 @@ def test_a_non_finite_loss_stops_training_with_what_to_do(tmp_path, quiet_logs):
 UNUSED = """
 import math
 from torch import nn
-from dtrain import models
-from dtrain.__main__ import main
 
 class WithUnused(nn.Module):  # a head that never takes part in the loss
-    def __init__(self, shape, out):
+    def __init__(self, input_shape, num_outputs):
         super().__init__()
-        self.body, self.unused = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), out)), nn.Linear(3, 3)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
+        self.unused = nn.Linear(3, 3)
+
     def forward(self, x):
         return self.body(x)
-
-models.MODELS["with_unused"] = models.Spec(WithUnused, "classification")
-main()
 """
 
 
 def test_a_model_with_unused_parameters_gets_the_option_that_fixes_it_and_trains_with_it(tmp_path):
-    script = tmp_path / "with_unused.py"
-    script.write_text(UNUSED)
-    common = ("model.name=with_unused", "trainer.max_steps=4", "logger=none", "checkpoint.enabled=false")
-    failed = run_cli(tmp_path / "a", *common, nproc=2, target=(str(script),), timeout=120)
+    (tmp_path / "with_unused.py").write_text(UNUSED)  # a user's model, in a config folder of theirs
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "with_unused.yaml").write_text("_target_: with_unused.WithUnused\n")
+    common = ("--config-dir", str(tmp_path / "conf"), "model=with_unused", "trainer.max_steps=4", "logger=none",
+              "checkpoint.enabled=false")
+    env = {"PYTHONPATH": str(tmp_path)}
+    failed = run_cli(tmp_path / "a", *common, nproc=2, env=env, timeout=120)
     assert failed.code != 0, failed  # raw torchrun exits 1 for any failed worker (dtrain-launch keeps the 2)
     assert failed.err.count("dtrain: error: the model has parameters that received no gradient") == 1
     assert "set dist.find_unused_parameters=true" in failed.err
     fixed = run_cli(tmp_path / "b", *common, "dist.find_unused_parameters=true", "dist.bucket_cap_mb=1",
-                    "dist.gradient_as_bucket_view=true", nproc=2, target=(str(script),), timeout=120)
+                    "dist.gradient_as_bucket_view=true", nproc=2, env=env, timeout=120)
     assert fixed.code == 0, fixed

@@ -41,7 +41,7 @@ def test_linear_regression_recovers_the_known_coefficients(tmp_path, quiet_logs)
     t = make_trainer(tmp_path, "model=linear", "data=regression", "optim=sgd", "optim.lr=0.05",
                      "optim.weight_decay=0", "trainer.epochs=10", *FAST)
     summary = t.fit()
-    coef, bias = data.regression_truth(t.cfg.data)
+    coef, bias = data.regression_truth(t.cfg.data.kwargs["shape"], t.cfg.data.split_seed)
     layer = t.model.linear
     assert torch.allclose(layer.weight.detach().T, coef, atol=0.02)
     assert torch.allclose(layer.bias.detach(), bias, atol=0.02)
@@ -278,19 +278,19 @@ def test_early_stopping_waits_while_the_metric_improves():
 
 def test_dropout_is_an_option_of_the_mlps_and_cnns_that_adds_no_weights(tmp_path, quiet_logs):
     from dtrain import models
-    from dtrain.config import ModelConfig
-    plain = models.build(ModelConfig("lenet"), "classification", (3, 32, 32), 10, "test")
-    dropped = models.build(ModelConfig("lenet", dropout=0.5), "classification", (3, 32, 32), 10, "test")
+    plain = models.build(models.builtin("lenet"), "classification", (3, 32, 32), 10, "test")
+    dropped = models.build(models.builtin("lenet", dropout=0.5), "classification", (3, 32, 32), 10, "test")
     assert plain.state_dict().keys() == dropped.state_dict().keys()
     x = torch.randn(8, 3, 32, 32)
     dropped.train()
     assert not torch.equal(dropped(x), dropped(x))  # a new mask each forward in training
     dropped.eval()
     assert torch.equal(dropped(x), dropped(x))
-    with pytest.raises(ConfigError, match=r"model.dropout=0.5 is not an option of model=resnet18; models that "
-                                          r"take it: convnet, lenet, mlp, mlp3"):
-        make_trainer(tmp_path, "model=resnet18", *SYNTH, "model.dropout=0.5")
-    with pytest.raises(ConfigError, match="model.batchnorm=False is not an option of model=lenet"):
-        make_trainer(tmp_path, "model=lenet", *SYNTH, "model.batchnorm=false")
-    no_bn = models.build(ModelConfig("convnet", batchnorm=False), "classification", (3, 32, 32), 10, "test")
+    # An option is a keyword argument of the model's _target_; a model that does not take it says so.
+    with pytest.raises(ConfigError, match=r"model: dtrain.models.resnet18 takes no argument 'dropout' \(it takes "
+                                          r"input_shape, num_outputs\)"):
+        make_trainer(tmp_path, "model=resnet18", *SYNTH, "+model.dropout=0.5")
+    with pytest.raises(ConfigError, match="model: dtrain.models.lenet takes no argument 'batchnorm'"):
+        make_trainer(tmp_path, "model=lenet", *SYNTH, "+model.batchnorm=false")
+    no_bn = models.build(models.builtin("convnet", batchnorm=False), "classification", (3, 32, 32), 10, "test")
     assert not any("bn" in k for k in no_bn.state_dict())

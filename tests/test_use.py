@@ -14,7 +14,6 @@ from PIL import Image
 
 from conftest import CHILD_ENV, ROOT, make_trainer, run_cli
 from dtrain import api, models
-from dtrain.config import ModelConfig
 from dtrain.errors import BadInput, ConfigError
 
 WORKLOADS = {  # model -> the data it trains on here
@@ -71,7 +70,7 @@ def test_the_state_dict_export_loads_strictly_into_the_plain_model_class_and_tor
     loaded = api.load_model(mnist_ckpt)
     api.export(mnist_ckpt, "state_dict", tmp_path / "weights.pt")
     api.export(mnist_ckpt, "torchscript", tmp_path / "model.ts")
-    plain = models.build(ModelConfig("mlp"), "classification", (1, 28, 28), 10, "mnist_sample")
+    plain = models.build(models.builtin("mlp"), "classification", (1, 28, 28), 10, "mnist_sample")
     plain.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True), strict=True)
     x = loaded.preprocess(sample_images(4)[0])
     torch.testing.assert_close(plain(x), loaded.net(x))

@@ -8,33 +8,34 @@ DataLoader (`StreamLoader`). Both give a rank the same samples per epoch (`epoch
 
 from __future__ import annotations
 
-from typing import Callable
-
+from dtrain import plugins
 from dtrain import world as w
-from dtrain.config import DataConfig
+from dtrain.config import DATA_OFFERS, DataConfig
 from dtrain.data.core import Splits, Tensors, ToFloat, split_indices, tensor_splits
 from dtrain.data.images import SAMPLE_DIR, cifar10, imagefolder, mnist, mnist_sample, read_idx, read_idx_pair, read_rgb
 from dtrain.data.loaders import (DeviceLoader, Loaders, ShardSampler, StreamLoader, TrainSampler, epoch_order,
                                  eval_loader, loaders, on_device, train_loader)
 from dtrain.data.tables import csv_table, read_table, regression, regression_truth, synthetic, table_columns
+from dtrain.data.user import as_splits
 
-DATASETS: dict[str, Callable[[DataConfig, w.World], Splits]] = {
-    "mnist_sample": mnist_sample,
-    "mnist": mnist,
-    "cifar10": cifar10,
-    "imagefolder": imagefolder,
-    "synthetic": synthetic,
-    "regression": regression,
-    "csv": csv_table,
-}
+# dtrain's own data sets, registered the way a user's are: conf/data/NAME.yaml names the `_target_`.
+# (name -> _target_, for configs saved before `_target_` existed)
+BUILTIN = {"mnist_sample": "dtrain.data.mnist_sample", "mnist": "dtrain.data.mnist", "cifar10": "dtrain.data.cifar10",
+           "imagefolder": "dtrain.data.imagefolder", "synthetic": "dtrain.data.synthetic",
+           "regression": "dtrain.data.regression", "csv": "dtrain.data.csv_table"}
 
 
-def build(cfg: DataConfig, world: w.World) -> Splits:
-    return DATASETS[cfg.name](cfg, world)
+def build(cfg: DataConfig, world: w.World, made: object = None) -> Splits:
+    """The data set `cfg` names (its `_target_` and keyword arguments; dtrain offers `options` = cfg and
+    `world` to a factory that takes them), or `made` (from dtrain.fit), as Splits."""
+    if made is None:
+        made = plugins.instantiate("data", plugins.Target(cfg.factory, cfg.kwargs),
+                                   dict(zip(DATA_OFFERS, (cfg, world))))
+    return as_splits(made, cfg)
 
 
 __all__ = ["Splits", "Tensors", "ToFloat", "split_indices", "tensor_splits", "SAMPLE_DIR", "read_idx",
            "read_idx_pair", "read_rgb", "mnist_sample", "mnist", "cifar10", "imagefolder", "synthetic", "regression",
            "regression_truth", "csv_table", "read_table", "table_columns", "epoch_order", "TrainSampler",
            "StreamLoader", "DeviceLoader", "ShardSampler", "Loaders", "on_device", "train_loader", "eval_loader",
-           "loaders", "DATASETS", "build"]
+           "loaders", "BUILTIN", "build", "as_splits"]

@@ -30,6 +30,7 @@ class Splits:
     features: Optional[list[str]] = None
     target: Optional[str] = None
     scaler: Optional[tuple[list[float], list[float]]] = None
+    input_dtype: Optional[str] = None  # a user's data set: the inputs' dtype (None: float32)
 
     def describe(self) -> dict:
         """What a trained model needs to be used without the data set: its task, input shape, outputs,
@@ -43,7 +44,7 @@ class Splits:
                 "classes": self.class_names or ([str(i) for i in range(self.out)] if self.task == "classification"
                                                  else None),
                 "images": self.to_float is not None, "resize": self.resize, "mean": mean, "std": std,
-                "features": self.features, "target": self.target}
+                "features": self.features, "target": self.target, "input_dtype": self.input_dtype}
 
 
 class ToFloat:

@@ -78,35 +78,39 @@ def read_idx_pair(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tenso
     return x.unsqueeze(1), y
 
 
-def mnist_sample(cfg: DataConfig, world: w.World) -> Splits:
+def mnist_sample(*, options: DataConfig, world: w.World) -> Splits:
+    """The 10,000 official MNIST t10k images bundled with dtrain."""
+    cfg = options
     images, labels = read_idx_pair(SAMPLE_DIR / "t10k-images-idx3-ubyte.gz", SAMPLE_DIR / "t10k-labels-idx1-ubyte.gz")
     return _image_splits(cfg, images, labels)
 
 
-def _root(cfg: DataConfig, layout: str) -> Path:
-    if not cfg.root:
-        raise ConfigError(f"data.root is required for data={cfg.name}: the folder that holds {layout}")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"data.root={cfg.root!r} does not exist: create it and put {layout} inside")
-    return root
+def _root(root: Optional[str], name: str, layout: str) -> Path:
+    if not root:
+        raise ConfigError(f"data.root is required for data={name}: the folder that holds {layout}")
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"data.root={root!r} does not exist: create it and put {layout} inside")
+    return folder
 
 
-def _load_official(cfg: DataConfig, world: w.World, layout: str, files: str, load: Callable):
+def _load_official(name: str, root: Path, download: bool, world: w.World, layout: str, files: str, load: Callable):
     """`load(download)` -> (train, test); the main rank (down)loads first, the others then read."""
     with w.main_first(world):
         try:
-            return load(cfg.download and world.is_main)
+            return load(download and world.is_main)
         except DataError:
             raise
         except Exception as e:  # a missing file, a failed download, a damaged file torchvision cannot read
-            how = "the download failed" if cfg.download else "data.download=false"
-            raise DataError(f"data={cfg.name}: files not found or unreadable in {cfg.root} ({how}: "
+            how = "the download failed" if download else "data.download=false"
+            raise DataError(f"data={name}: files not found or unreadable in {root} ({how}: "
                             f"{str(e).splitlines()[0]}); put {files} in {layout}") from e
 
 
-def mnist(cfg: DataConfig, world: w.World) -> Splits:
-    root = _root(cfg, "MNIST/raw/")
+def mnist(root: Optional[str] = None, download: bool = True, *, options: DataConfig, world: w.World) -> Splits:
+    """Full MNIST from the official IDX files in root/MNIST/raw/ (downloaded there when missing)."""
+    cfg = options
+    root = _root(root, cfg.name, "MNIST/raw/")
     raw = root / "MNIST" / "raw"
     pairs = [("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
 
@@ -116,19 +120,22 @@ def mnist(cfg: DataConfig, world: w.World) -> Splits:
             MNIST(str(root), train=True, download=True)  # fetches and unpacks all four files into MNIST/raw
         return [read_idx_pair(raw / images, raw / labels) for images, labels in pairs]
 
-    (train_x, train_y), (test_x, test_y) = _load_official(cfg, world, f"{raw}/",
+    (train_x, train_y), (test_x, test_y) = _load_official(cfg.name, root, download, world, f"{raw}/",
                                                           ", ".join(f for p in pairs for f in p), load)
     return _image_splits(cfg, train_x, train_y, test_x, test_y)
 
 
-def cifar10(cfg: DataConfig, world: w.World) -> Splits:
-    root = _root(cfg, "cifar-10-batches-py/")
+def cifar10(root: Optional[str] = None, download: bool = True, verify_checksums: bool = True, *,
+            options: DataConfig, world: w.World) -> Splits:
+    """CIFAR-10 (python version) in root/cifar-10-batches-py/; verify_checksums: the official files' md5."""
+    cfg = options
+    root = _root(root, cfg.name, "cifar-10-batches-py/")
     files = "data_batch_1..5, test_batch and batches.meta (the CIFAR-10 python version)"
     from torchvision.datasets import CIFAR10
 
     class Checked(CIFAR10):
         def __init__(self, train: bool, download: bool):
-            if not cfg.verify_checksums:  # torchvision's check_integrity(path, None) only checks existence
+            if not verify_checksums:  # torchvision's check_integrity(path, None) only checks existence
                 self.train_list = [(f, None) for f, _ in self.train_list]
                 self.test_list = [(f, None) for f, _ in self.test_list]
                 self.meta = {**self.meta, "md5": None}
@@ -137,7 +144,7 @@ def cifar10(cfg: DataConfig, world: w.World) -> Splits:
     def load(download: bool):
         return Checked(True, download), Checked(False, False)
 
-    train, test = _load_official(cfg, world, f"{root}/cifar-10-batches-py/", files, load)
+    train, test = _load_official(cfg.name, root, download, world, f"{root}/cifar-10-batches-py/", files, load)
 
     def chw(d) -> tuple[torch.Tensor, torch.Tensor]:
         if len(d.data) != len(d.targets):
@@ -148,15 +155,17 @@ def cifar10(cfg: DataConfig, world: w.World) -> Splits:
     return _image_splits(cfg, *chw(train), *chw(test), classes=len(train.classes), class_names=list(train.classes))
 
 
-def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
-    """The user's images in root/train/<class>/, optional root/val/ and root/test/, streamed from disk."""
-    root = _root(cfg, "train/<class>/<image> (and optionally val/ and test/)")
+def imagefolder(root: Optional[str] = None, image_size: int = 32, *, options: DataConfig, world: w.World) -> Splits:
+    """The user's images in root/train/<class>/, optional root/val/ and root/test/, streamed from disk and
+    resized to image_size x image_size."""
+    cfg, given = options, root
+    root = _root(root, cfg.name, "train/<class>/<image> (and optionally val/ and test/)")
     if not (root / "train").is_dir():
-        raise ConfigError(f"data.root={cfg.root!r} has no train/ folder: put images in train/<class>/")
+        raise ConfigError(f"data.root={given!r} has no train/ folder: put images in train/<class>/")
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
     to_float, augmented = _transforms(cfg, None, 3)
-    resize = [v2.ToImage(), v2.Resize((cfg.image_size, cfg.image_size)), v2.ToDtype(torch.uint8)]
+    resize = [v2.ToImage(), v2.Resize((image_size, image_size)), v2.ToDtype(torch.uint8)]
     one = [lambda x: augmented(x[None])[0]] if augmented is not None else []  # a batch of one image
     train_tf, eval_tf = v2.Compose(resize + one + [to_float]), v2.Compose(resize + [to_float])
 
@@ -173,8 +182,8 @@ def imagefolder(cfg: DataConfig, world: w.World) -> Splits:
         val = Subset(ImageFolder(str(root / "train"), transform=eval_tf, loader=read_rgb), va.tolist())
         train = Subset(train, tr.tolist())
     names = folder("train", None).classes
-    return Splits(train, val, test, "classification", (3, cfg.image_size, cfg.image_size), len(names), names,
-                  to_float, cfg.image_size)
+    return Splits(train, val, test, "classification", (3, image_size, image_size), len(names), names,
+                  to_float, image_size)
 
 
 def read_rgb(path: str):
@@ -186,3 +195,15 @@ def read_rgb(path: str):
     except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data
         raise DataError(f"data=imagefolder: {path} is not a readable image ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); remove or replace it") from None
+
+
+for _builder in (mnist_sample, mnist, cifar10, imagefolder):
+    _builder.dtrain_task = "classification"  # data.task is refused: these decide their own
+
+
+def _check_image_size(options: DataConfig, image_size: int = 32, **_) -> None:
+    if image_size < 1:
+        raise ConfigError(f"data.image_size={image_size} is not allowed: must be >= 1")
+
+
+imagefolder.dtrain_check = lambda cfg: _check_image_size(cfg, **cfg.kwargs)

@@ -4,37 +4,59 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from dtrain import world as w
-from dtrain.config import DataConfig
+from dtrain.config import DataConfig, fail
 from dtrain.data.core import Splits, tensor_splits
 from dtrain.errors import DataError
 
-def synthetic(cfg: DataConfig, world: w.World) -> Splits:
-    """Random inputs of any shape whose labels a fixed random linear map decides (so they are learnable)."""
-    g = torch.Generator().manual_seed(cfg.split_seed)
-    n, shape = cfg.num_samples, tuple(cfg.shape)
-    x = torch.randn(n, *shape, generator=g)
-    proj = torch.randn(math.prod(shape), cfg.num_classes, generator=g)
+
+def synthetic(shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, num_samples: int = 2048, *,
+              options: DataConfig, world: w.World) -> Splits:
+    """Random inputs of any shape whose labels a fixed random linear map decides (so they are learnable);
+    the draw is fixed by data.split_seed."""
+    g = torch.Generator().manual_seed(options.split_seed)
+    x = torch.randn(num_samples, *shape, generator=g)
+    proj = torch.randn(math.prod(shape), num_classes, generator=g)
     y = (x.flatten(1) @ proj).argmax(1)
-    return tensor_splits(cfg, x, y, "classification", cfg.num_classes)
+    return tensor_splits(options, x, y, "classification", num_classes)
 
 
-def regression(cfg: DataConfig, world: w.World) -> Splits:
+def regression(shape: Sequence[int] = (8,), num_samples: int = 2048, noise: float = 0.1, *,
+               options: DataConfig, world: w.World) -> Splits:
     """y = x . coef + bias + noise, with coefficients fixed by data.split_seed (see `regression_truth`)."""
-    coef, bias = regression_truth(cfg)
-    g = torch.Generator().manual_seed(cfg.split_seed + 1)
-    x = torch.randn(cfg.num_samples, *cfg.shape, generator=g)
-    y = x.flatten(1) @ coef + bias + cfg.noise * torch.randn(cfg.num_samples, 1, generator=g)
-    return tensor_splits(cfg, x, y, "regression", 1)
+    coef, bias = regression_truth(shape, options.split_seed)
+    g = torch.Generator().manual_seed(options.split_seed + 1)
+    x = torch.randn(num_samples, *shape, generator=g)
+    y = x.flatten(1) @ coef + bias + noise * torch.randn(num_samples, 1, generator=g)
+    return tensor_splits(options, x, y, "regression", 1)
 
 
-def regression_truth(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(cfg.split_seed)
-    return torch.randn(math.prod(cfg.shape), 1, generator=g), torch.randn(1, generator=g)
+def regression_truth(shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coefficients and bias of `regression` for inputs of `shape` and data.split_seed `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(math.prod(shape), 1, generator=g), torch.randn(1, generator=g)
+
+
+def _check_generated(cfg: DataConfig, shape: Sequence[int] = (1,), num_samples: int = 2, num_classes: int = 2,
+                     noise: float = 0.0) -> None:
+    if not shape or any(d < 1 for d in shape):
+        fail("data.shape", list(shape), "a list of positive sizes, e.g. [1,28,28] or [8]")
+    if num_samples < 2:
+        fail("data.num_samples", num_samples, "must be >= 2")
+    if num_classes < 2:
+        fail("data.num_classes", num_classes, "must be >= 2")
+    if not (noise >= 0 and math.isfinite(noise)):
+        fail("data.noise", noise, "must be >= 0")
+
+
+synthetic.dtrain_task = "classification"
+regression.dtrain_task = "regression"
+synthetic.dtrain_check = regression.dtrain_check = lambda cfg: _check_generated(cfg, **cfg.kwargs)
 
 
 def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -95,32 +117,51 @@ def table_columns(path: Path, header: list[str], rows: list[list[str]], names: l
     return torch.from_numpy(out).float()
 
 
-def csv_table(cfg: DataConfig, world: w.World) -> Splits:
+def csv_table(path: Optional[str] = None, target: Optional[str] = None, features: Optional[list[str]] = None,
+              root: Optional[str] = None, *, options: DataConfig, world: w.World) -> Splits:
     """A table from data.path: data.target is predicted from data.features (or every other column), as
-    regression or classification (data.task; class labels may be any text); features standardised."""
-    path = Path(cfg.path).expanduser()
+    regression or classification (data.task; class labels may be any text); features standardised.
+    `root` only lends its folder to data.path (`${data.root}/table.csv`)."""
+    cfg, path = options, Path(path).expanduser()
     header, rows = read_table(path)
-    features = list(cfg.features) if cfg.features is not None else [c for c in header if c != cfg.target]
-    missing = [c for c in [cfg.target, *features] if c not in header]
+    features = list(features) if features is not None else [c for c in header if c != target]
+    missing = [c for c in [target, *features] if c not in header]
     if missing:
         raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (data.target, data.features); "
                         f"its columns are {', '.join(header)}")
     if not features:
-        raise DataError(f"{path} has no column besides data.target={cfg.target!r} to learn from")
+        raise DataError(f"{path} has no column besides data.target={target!r} to learn from")
     x = table_columns(path, header, rows, features)
     if cfg.task.value == "regression":
-        y, out, classes = table_columns(path, header, rows, [cfg.target]), 1, None
+        y, out, classes = table_columns(path, header, rows, [target]), 1, None
     else:
-        labels = [row[header.index(cfg.target)].strip() for row in rows]
+        labels = [row[header.index(target)].strip() for row in rows]
         classes = sorted(set(labels))
         if all(map(_is_number, classes)):  # numeric labels in numeric order: 2 before 10
             classes.sort(key=float)
         if len(classes) < 2:
-            raise DataError(f"{path}: column {cfg.target!r} holds one class ({classes[0]!r}); classification "
+            raise DataError(f"{path}: column {target!r} holds one class ({classes[0]!r}); classification "
                             "needs two or more")
         code = {c: i for i, c in enumerate(classes)}
         y, out = torch.tensor([code[v] for v in labels]), len(classes)
     if len(rows) < 3:
         raise DataError(f"{path} has {len(rows)} row(s): too few for training, validation and test splits")
     return tensor_splits(cfg, x, y, cfg.task.value, out, standardize=cfg.normalize, class_names=classes,
-                          features=features, target=cfg.target)
+                          features=features, target=target)
+
+
+def _check_csv(cfg: DataConfig, path: Optional[str] = None, target: Optional[str] = None,
+               features: Optional[list[str]] = None, root: Optional[str] = None) -> None:
+    """data=csv needs a file, a target column and a task."""
+    if not path:
+        fail("data.path", path, "data=csv needs the path of a CSV file with a header row")
+    if not target:
+        fail("data.target", target, "data=csv needs the name of the column to predict")
+    if cfg.task is None:
+        fail("data.task", None, "data=csv needs regression or classification")
+    if features is not None and (not features or target in features):
+        fail("data.features", features, "the feature columns: a non-empty list without data.target "
+             "(null: every column but the target)")
+
+
+csv_table.dtrain_check = lambda cfg: _check_csv(cfg, **cfg.kwargs)

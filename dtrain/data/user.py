@@ -1,0 +1,93 @@
+"""A user's data set as dtrain's `Splits`: what the data factory returned (a map-style Dataset, or a dict of
+splits {"train", "val", "test"}) plus what the model and the task need to know, read off the data.
+
+- Items are `(input, target)` pairs. The task is `data.task` if given, else it follows the targets' dtype:
+  integers are class labels (classification), floats are values (regression).
+- Classes: the data set's `classes` (names) or `num_classes` attribute, else its `targets`, else one pass
+  over the training targets (give your Dataset `classes` or `num_classes` to spare it).
+- A data set without "val" has its validation split carved out as dtrain's own are (data.val_fraction,
+  data.split_seed). A `torch.utils.data.TensorDataset` of (inputs, targets) is held as dtrain's `Tensors`
+  and takes the device path; any other streams through a DataLoader.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
+
+from dtrain.config import DataConfig
+from dtrain.data.core import Splits, Tensors, split_indices
+from dtrain.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+def as_splits(made: Any, cfg: DataConfig) -> Splits:
+    """What the data factory returned, as Splits (a Splits is taken as it is)."""
+    if isinstance(made, Splits):
+        return made
+    if isinstance(made, Mapping):
+        unknown = sorted(set(made) - set(SPLITS))
+        if unknown or "train" not in made:
+            raise ConfigError(f"data: {cfg.factory} returned a dict with keys {sorted(made)}; expected 'train' and "
+                              "optionally 'val' and 'test'")
+        train, val, test = (_dataset(cfg, made.get(k), k) for k in SPLITS)
+    else:
+        train, val, test = _dataset(cfg, made, "train"), None, None
+    if val is None:
+        tr, va = split_indices(len(train), cfg)
+        train, val = _subset(train, tr), _subset(train, va)
+    x, y = _first_item(cfg, train)
+    task = cfg.task.value if cfg.task is not None else ("classification" if _is_integer(y) else "regression")
+    classes, out = _classes(cfg, made if isinstance(made, Dataset) else made["train"], train, task, y)
+    return Splits(train, val, test, task, tuple(x.shape), out, classes,
+                  input_dtype=str(x.dtype).removeprefix("torch."))
+
+
+def _dataset(cfg: DataConfig, ds: Any, split: str) -> Optional[Dataset]:
+    if ds is None and split != "train":
+        return None
+    if isinstance(ds, IterableDataset) or not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+        raise ConfigError(f"data: {cfg.factory} returned a {type(ds).__name__} for '{split}'; expected a map-style "
+                          "torch Dataset (__getitem__ and __len__: dtrain shards it by index, like "
+                          "DistributedSampler) or a dict of them")
+    if len(ds) == 0:
+        raise ConfigError(f"data: the '{split}' split of {cfg.factory} is empty")
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:  # held in memory: the device path
+        return Tensors(*ds.tensors)
+    return ds
+
+
+def _subset(ds: Dataset, index: torch.Tensor) -> Dataset:
+    return ds.take(index) if isinstance(ds, Tensors) else Subset(ds, index.tolist())
+
+
+def _first_item(cfg: DataConfig, ds: Dataset) -> tuple[torch.Tensor, Any]:
+    item = ds[0]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise ConfigError(f"data: an item of {cfg.factory} is a {type(item).__name__}"
+                          f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}; expected an "
+                          "(input, target) pair")
+    return torch.as_tensor(item[0]), item[1]
+
+
+def _is_integer(y: Any) -> bool:
+    return isinstance(y, int) or (isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex())
+
+
+def _classes(cfg: DataConfig, source: Any, train: Dataset, task: str, y: Any) -> tuple[Optional[list[str]], int]:
+    """(class names or None, the number of outputs)."""
+    if task == "regression":
+        return None, max(1, torch.as_tensor(y).numel())
+    names = getattr(source, "classes", None)
+    if names is not None:
+        return [str(n) for n in names], len(names)
+    if getattr(source, "num_classes", None):
+        return None, int(source.num_classes)
+    targets = getattr(source, "targets", None)
+    labels = torch.as_tensor(targets) if targets is not None else torch.tensor([int(train[i][1]) for i in range(len(train))])
+    if labels.numel() == 0 or labels.min() < 0:
+        raise ConfigError(f"data: the class labels of {cfg.factory} must be integers 0..C-1")
+    return None, int(labels.max()) + 1
