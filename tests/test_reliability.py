@@ -43,8 +43,9 @@ def test_bad_input_never_removes_a_folder_or_file_dtrain_did_not_create(tmp_path
     (proj / "src").mkdir(parents=True)
     (proj / "src" / "main.py").write_text("x\n")
     for bad in ("data.batch_size=0",  # refused before anything is written
-                "data=mnist", ):  # refused after the run folder was locked and config/log written
-        proc = dtrain(proj, "hydra.run.dir=.", bad, f"data.root={tmp_path / 'empty'}", "data.download=false")
+                "data.batch_size=64"):  # refused after the run folder was locked and config/log written
+        proc = dtrain(proj, "hydra.run.dir=.", "data=mnist", bad, f"data.root={tmp_path / 'empty'}",
+                      "data.download=false")
         assert proc.returncode == 2, proc.stderr
         assert sorted(p.name for p in proj.rglob("*")) == ["main.py", "src"], list(proj.rglob("*"))
 
