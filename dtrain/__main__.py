@@ -1,33 +1,6 @@
-"""Train: `python -m dtrain` (one process) and `torchrun ... -m dtrain` (DDP) run this same path.
+"""`python -m dtrain`: train (see dtrain/cli.py; `--help` lists the config groups and keys)."""
 
-Exit codes: 0 done; 1 a rank failed (its message names the rank); 2 bad input (config, data, checkpoint,
-world); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and it resumes).
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from dtrain import api, app
-from dtrain import world as w
-from dtrain.errors import EXIT_BAD_INPUT
-from dtrain.rundir import RunDir
-
-
-@hydra.main(config_path=app.CONF_DIR, config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
-    run = RunDir(Path(HydraConfig.get().runtime.output_dir), w.from_launcher())
-    code = app.start(lambda: app.make_config(dcfg), lambda cfg, world: api.run_training(cfg, world, run, dcfg))
-    if code == EXIT_BAD_INPUT:
-        run.discard_if_resultless()
-    if code:
-        sys.exit(code)
-
+from dtrain.cli import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ The default split is `test` where the data set has one, else `val`. Prints one J
 samples, loss and the task's metrics; for classification also the accuracy of each class
 (`per_class_acc`, in the order of `classes`) and the confusion matrix (`confusion`, rows: true class,
 columns: predicted). Runs under torchrun too, every sample counted once. A thin layer over
-`dtrain.api.evaluate`.
+`dtrain.inference.evaluate`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from dtrain import api, app, config
+from dtrain import app, config, inference
 from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
@@ -51,11 +51,11 @@ ConfigStore.instance().store(name="dtrain_evaluate", node=_schema())
 
 def checkpoint_config(ev: EvalConfig) -> Config:
     """The config the checkpoint was trained with, the user's overrides on top."""
-    return api.checkpoint_config(ckpt.load(Path(ev.ckpt)), data=ev.data, trainer=ev.trainer, dist=ev.dist)
+    return inference.checkpoint_config(ckpt.load(Path(ev.ckpt)), data=ev.data, trainer=ev.trainer, dist=ev.dist)
 
 
 def run(cfg: Config, world: w.World, ev: EvalConfig) -> dict:
-    result = api.evaluate(ev.ckpt, ev.split, world, data=ev.data, trainer=ev.trainer, dist=ev.dist)
+    result = inference.evaluate(ev.ckpt, ev.split, world, data=ev.data, trainer=ev.trainer, dist=ev.dist)
     if world.is_main:
         print(json.dumps(result), flush=True)
     return result

@@ -310,8 +310,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run_here(argv: list[str]) -> int:
-    """One process: the training entry itself, in this process."""
-    from dtrain.__main__ import main as train
+    """One process: training itself, in this process."""
+    from dtrain.cli import main as train
     sys.argv = ["dtrain", *argv]
     try:
         train()

@@ -24,7 +24,7 @@ import sys
 import time
 
 from dtrain import trainer
-from dtrain.__main__ import main
+from dtrain.cli import main
 
 
 def install() -> None:

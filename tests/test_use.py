@@ -113,7 +113,7 @@ def test_an_onnx_export_is_one_file_and_writes_over_no_file_of_the_users(tmp_pat
 
 
 def test_an_onnx_export_too_large_for_one_file_checks_and_names_its_weights_file(tmp_path, mnist_ckpt, monkeypatch):
-    from dtrain import export
+    from dtrain import exporting as export
     monkeypatch.setattr(export, "ONNX_SINGLE_FILE_BYTES", 1000)  # as if the model were over 2 GB
     (tmp_path / "big.onnx.data").write_text("data")
     with pytest.raises(BadInput, match="big.onnx.data exists"):

@@ -1,0 +1,30 @@
+"""Training from the command line: the Hydra main that `python -m dtrain`, `torchrun ... -m dtrain`, `srun
+python -m dtrain` and the launcher's one-process run all go through.
+
+Exit codes: 0 done; 1 a rank failed (its message names the rank); 2 bad input (config, data, checkpoint,
+world); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and it resumes); 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dtrain import app, runs
+from dtrain import world as w
+from dtrain.errors import EXIT_BAD_INPUT
+from dtrain.rundir import RunDir
+
+
+@hydra.main(config_path=app.CONF_DIR, config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    run = RunDir(Path(HydraConfig.get().runtime.output_dir), w.from_launcher())
+    code = app.start(lambda: app.make_config(dcfg), lambda cfg, world: runs.run_training(cfg, world, run, dcfg))
+    if code == EXIT_BAD_INPUT:
+        run.discard_if_resultless()
+    if code:
+        sys.exit(code)

@@ -1,0 +1,131 @@
+"""Training runs started from Python: `train` (overrides, as on the command line) and `fit` (the user's own
+objects), and `run_training`, the body every training entry runs once the world exists."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from dtrain import app, build, plugins, rundir
+from dtrain import world as w
+from dtrain.config import Config
+from dtrain.errors import EXIT_OK
+
+
+class TrainingFailed(SystemExit):
+    """A run from `train` or `fit` ended with a non-zero exit code, whose one-line reason was printed. A
+    SystemExit: uncaught, a script exits with that code and no traceback (75 after a preemption signal,
+    so a scheduler requeues it); `except TrainingFailed` catches it."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+
+    def __str__(self) -> str:
+        return f"dtrain training ended with exit code {self.code}"
+
+
+def compose(*overrides: str, hydra: bool = False):
+    """The composed config (a DictConfig), as the command line would compose it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    with initialize_config_dir(config_dir=app.CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def make_config(*overrides: str) -> Config:
+    """The typed, validated config of `python -m dtrain *overrides`."""
+    return app.make_config(compose(*overrides))
+
+
+def train(*overrides: str) -> dict:
+    """Train in this process as `python -m dtrain *overrides` would (the same run folder, files and
+    checks; under torchrun, one rank's share); the run's summary. Raises TrainingFailed on failure."""
+    return _run(compose(*overrides, hydra=True))
+
+
+def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = None, callbacks: Iterable = (),
+        overrides: Iterable[str] = ()) -> dict:
+    """Train `model` on `data` with dtrain's loop, run folder, checkpoints, resume, logging and summary; the
+    summary. The same script runs as `python train.py`, `torchrun --nproc_per_node=N train.py` and under
+    srun, each process calling `fit` alike.
+
+    model      an nn.Module, or a class or function returning one: it is given `input_shape`, `num_outputs`
+               and (classification) `num_classes` when it takes them by name. A class or function defined in
+               an importable module lets `load_model`/evaluate/predict/export rebuild the model from a
+               checkpoint; for an instance, pass `load_model(ckpt, model=...)` an instance of it.
+    data       a map-style Dataset of (input, target) pairs, a dict {"train": ..., "val": ..., "test": ...},
+               or a function returning either; dtrain carves "val" when it is missing (see dtrain/data/user.py)
+    loss       an nn.Module loss or a function (output, target) -> scalar; None: the task's own
+    metrics    name -> a torchmetrics Metric or a function (output, target) -> value: extra validation metrics
+    callbacks  objects with any of dtrain's hooks (dtrain/callbacks.py), in order
+    overrides  key=value strings as on the command line: "trainer.epochs=3", "data.batch_size=64", ...
+    """
+    objects = build.Objects(model, data, loss, dict(metrics) if metrics is not None else None, tuple(callbacks))
+    parts = {"model": model, "data": data}
+    full = compose("~model", "~data", *overrides, hydra=True)  # dtrain's own model/data keys stay overridable
+    from omegaconf import open_dict
+    with open_dict(full):
+        for key, obj in parts.items():
+            node = full[key]
+            node["_target_"] = plugins.path_of(obj)  # recorded in checkpoints: what rebuilds the model
+            node["name"] = node.get("name") or _name(obj)
+    given = frozenset({"model", "data"} | ({"loss"} if loss is not None else set()))
+    return _run(full, objects, given)
+
+
+def _name(obj: Any) -> str:
+    named = obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj)
+    return "data" if isinstance(obj, dict) else named.__name__
+
+
+def _run(full, objects: Optional[build.Objects] = None, given: frozenset = frozenset()) -> dict:
+    """Train the composed config (with Hydra's own node) in this process."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+    HydraConfig.instance().set_config(full)
+    dcfg = full.copy()
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    run = rundir.RunDir(Path(full.hydra.run.dir), w.from_launcher())
+    result: list[dict] = []
+
+    def body(cfg: Config, world: w.World) -> None:
+        result.append(run_training(cfg, world, run, dcfg, objects))
+
+    def make() -> Config:
+        cfg = app.make_config(dcfg, given)
+        rundir.check_creatable(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return cfg
+
+    code = app.start(make, body)
+    if code != EXIT_OK:
+        raise TrainingFailed(code)
+    return result[0]
+
+
+def run_training(cfg: Config, world: w.World, run: rundir.RunDir, dcfg, objects: Optional[build.Objects] = None) -> dict:
+    """The body of a training run, once the world exists: own the run folder, log, record the config, fit."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dtrain import logs
+    from dtrain.trainer import Trainer
+    run.check_ranks_agree()
+    run.acquire()  # before writing anything: a second job aimed at a live run's folder stops here
+    try:
+        logs.setup_console(world, run)
+        if run.taken_over_from:
+            logs.log.warning(f"run folder {run}: taking over from a job that ended without releasing it "
+                             f"({run.taken_over_from})")
+        hydra = HydraConfig.get()
+        run.write_config(OmegaConf.to_yaml(dcfg, resolve=True), {
+            "config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(list(hydra.overrides.task)),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra}))})
+        trainer = Trainer(build.parts(cfg, world, run, objects))
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        run.release()
