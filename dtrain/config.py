@@ -342,7 +342,7 @@ def typed_part(key: str, schema: type, node: Any, legacy: Mapping[str, str]) -> 
         raise ConfigError(f"{key}.{getattr(e, 'full_key', '') or ''}: {str(e).splitlines()[0]}") from None
     if factory is None and typed.name in legacy:  # saved before _target_: dtrain's own, by name, with every
         factory = legacy[typed.name]  # key of the old flat schema; keep those the factory takes
-        params = plugins.accepted(plugins.resolve(f"{key}._target_", factory), rest)
+        params = plugins.accepted(plugins.resolve(key, factory), rest)
         rest = {k: v for k, v in rest.items() if k in params}
     typed.factory, typed.kwargs = factory, rest
     typed.name = typed.name or (plugins.short_name(factory) if factory else "")

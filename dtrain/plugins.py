@@ -49,18 +49,18 @@ def resolve(key: str, path: str) -> Callable:
         except ModuleNotFoundError as e:
             error = e
             if e.name is not None and not ".".join(parts[:i]).startswith(e.name):
-                raise ConfigError(f"{key}={path}: importing {'.'.join(parts[:i])} failed: {e}; install the "
+                raise ConfigError(f"{key}._target_={path}: importing {'.'.join(parts[:i])} failed: {e}; install the "
                                   "package it needs") from None
     if module is None:
-        raise ConfigError(f"{key}={path}: cannot import {parts[0]!r} ({error}); install the package that defines it, "
+        raise ConfigError(f"{key}._target_={path}: cannot import {parts[0]!r} ({error}); install the package that defines it, "
                           "or put its folder on PYTHONPATH") from None
     obj: Any = module
     for j, attr in enumerate(parts[i:], start=i):
         if not hasattr(obj, attr):
-            raise ConfigError(f"{key}={path}: {'.'.join(parts[:j])} has no attribute {attr!r}")
+            raise ConfigError(f"{key}._target_={path}: {'.'.join(parts[:j])} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise ConfigError(f"{key}={path} is a {type(obj).__name__}, not a class or function that can be called")
+        raise ConfigError(f"{key}._target_={path} is a {type(obj).__name__}, not a class or function that can be called")
     return obj
 
 
@@ -112,7 +112,7 @@ def instantiate(key: str, target: Target, offers: Mapping[str, Any] | None = Non
     except InstantiationException as e:
         if e.__cause__ is not None:  # raised inside the user's code: theirs, with their traceback
             raise e.__cause__ from None
-        raise ConfigError(f"{key}={target.path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{key}._target_={target.path}: {str(e).splitlines()[0]}") from None
     return bound(**extra)
 
 
