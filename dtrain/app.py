@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig
 
-from dtrain import augment, config, data, logs, models, optim
+from dtrain import augment, config, data, logs, models, optim, validate
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Preempted
@@ -39,7 +39,7 @@ config.register()
 def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config:
     """A composed DictConfig as the typed, validated Config, checked against the registries' names.
     `given`: the parts dtrain.fit passes as objects."""
-    return config.to_config(dcfg, {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES},
+    return validate.to_config(dcfg, {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES},
                             {"model": models.BUILTIN, "data": data.BUILTIN}, given)
 
 
@@ -48,7 +48,7 @@ def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) ->
     def setup_and_run() -> int:
         cfg = make()
         world = w.from_env(cfg.trainer.device, cfg.dist.backend)
-        config.check_world(cfg, world)
+        validate.check_world(cfg, world)
 
         def run() -> None:  # what `body` returns is its result, not an exit code
             body(cfg, world)

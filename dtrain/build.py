@@ -22,7 +22,7 @@ from dtrain import world as w
 from dtrain.checkpoint import Checkpointer, seed_everything
 from dtrain.config import Config, Precision, as_dict
 from dtrain.errors import ConfigError
-from dtrain.logs import Context, MetricLogger
+from dtrain.sinks import Context, MetricLogger
 from dtrain.rundir import RunDir
 from dtrain.tasks import TASKS, Task
 

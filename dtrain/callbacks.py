@@ -188,7 +188,7 @@ class Plots(Callback):
         from dtrain.tasks import predict_samples
         run = trainer.run
         if trainer.task.classifies and trainer.final_val is not None:
-            classes = trainer.class_names()
+            classes = trainer.splits.names()
             run.write_text(run.confusion, json.dumps({"classes": classes, "matrix": trainer.final_val["confusion"]})
                            + "\n")
             if len(trainer.shape) == 3:  # images: a grid of predictions to look at

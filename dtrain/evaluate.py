@@ -21,7 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from dtrain import app, config, inference
+from dtrain import app, inference, validate
 from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
@@ -65,8 +65,8 @@ def run(cfg: Config, world: w.World, ev: EvalConfig) -> dict:
 def main(dcfg: DictConfig) -> None:
     # Reading the EvalConfig inside `start` makes a missing ckpt= a one-line error; `run` only starts
     # once that read succeeded.
-    code = app.start(lambda: checkpoint_config(config.to_object(dcfg)),
-                     lambda cfg, world: run(cfg, world, config.to_object(dcfg)))
+    code = app.start(lambda: checkpoint_config(validate.to_object(dcfg)),
+                     lambda cfg, world: run(cfg, world, validate.to_object(dcfg)))
     if code:
         sys.exit(code)
 

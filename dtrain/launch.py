@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from dtrain import app, config, rundir
+from dtrain import app, rundir, validate
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, BadInput,
@@ -104,7 +104,7 @@ def plan(cfg: Config, env: Mapping[str, str] = os.environ) -> Plan:
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); config.validate has checked the form."""
+    """'host:port' -> (host, port); dtrain.validate has checked the form."""
     host, _, port = endpoint.rpartition(":")
     return host.strip("[]"), int(port)
 
@@ -184,7 +184,7 @@ def check(cfg: Config, p: Plan) -> None:
     if cuda and p.nproc_per_node > max(torch.cuda.device_count(), 1):
         raise ConfigError(f"launcher.nproc_per_node={p.nproc_per_node} but this node has "
                           f"{torch.cuda.device_count()} CUDA device(s); launch at most one process per GPU")
-    config.check_world(cfg, w.World(world_size=p.world_size, device=torch.device("cuda" if cuda else "cpu")))
+    validate.check_world(cfg, w.World(world_size=p.world_size, device=torch.device("cuda" if cuda else "cpu")))
     if p.world_size > 1:
         check_rendezvous(p, cfg.dist.timeout_s)
 

@@ -5,7 +5,7 @@ what may be removed after bad input.
     config-changes.jsonl  what a resume with checkpoint.allow_config_change=true changed, and when
     .hydra/               Hydra's record of that first run: its config, its own settings, the overrides
     rank{N}.log           each rank's own log, every line naming the rank (appended by every run in the folder)
-    metrics.jsonl         one JSON object per epoch (logs.JsonlSink)
+    metrics.jsonl         one JSON object per epoch (sinks.JsonlSink)
     summary.json          final metrics and timings
     confusion.json        the final validation confusion matrix (classification)
     samples.npz           a few validation images with their true and predicted labels (image classification)

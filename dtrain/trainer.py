@@ -93,11 +93,6 @@ class Trainer:
     def finished(self) -> bool:
         return self.progress.step >= self.total_steps or self.should_stop
 
-    @property
-    def epochs_trained(self) -> int:
-        """Epochs trained, counting one that trainer.max_steps ended part-way (people count from 1)."""
-        return self.progress.epoch + (1 if self.progress.samples_in_epoch else 0)
-
     def train_epoch(self, stop: StopSignal) -> dict:
         cfg, p, world = self.cfg, self.progress, self.world
         accum, batches = cfg.trainer.accumulate_grad_batches, self.steps_per_epoch * cfg.trainer.accumulate_grad_batches
@@ -186,8 +181,9 @@ class Trainer:
             log.info(f"the run in {self.run} had already finished at step {self.progress.step}; its summary is kept")
             return json.loads(self.run.summary.read_text())
         self.final_val = val = val or self.evaluate(self.loaders.val)  # None: finished, but killed before its summary
+        p = self.progress  # epochs trained, counting one that trainer.max_steps ended part-way
         summary = {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
-                   "epochs": self.epochs_trained, "steps": self.progress.step,
+                   "epochs": p.epoch + (1 if p.samples_in_epoch else 0), "steps": p.step,
                    "train_loss": (self.last_metrics or {}).get("train_loss"),
                    **{f"val_{k}": val[k] for k in names}, "val_samples": val["samples"]}
         if self.loaders.test is not None:
@@ -200,18 +196,8 @@ class Trainer:
         self.callbacks.call("on_fit_end", self, summary)
         self.run.write_summary(summary)
         self.logger.summary(summary)
-        logs.report(summary, self.outputs())
+        logs.report(summary, outputs(self))
         return summary
-
-    def class_names(self) -> list[str]:
-        return self.splits.class_names or [str(i) for i in range(self.splits.out)]
-
-    def outputs(self) -> dict[str, str]:
-        """Where the run's results are, for the report."""
-        found = {"run": str(self.run), "ckpt": str(self.checkpointer.folder) if self.checkpointer.folder.exists() else "",
-                 "plots": " ".join(name for name in plots.PLOTS if (self.run.path / name).exists()),
-                 "tb": "tensorboard --logdir " + str(self.run.path / "tensorboard") if self.cfg.logger.tensorboard else ""}
-        return {k: v for k, v in found.items() if v}
 
     def close(self) -> None:
         self.logger.close()
@@ -246,3 +232,12 @@ class Trainer:
         self.epoch_sums.reset(state["rank"]["epoch_sums"])
         # Checkpoints before callbacks held early stopping's state under its own key.
         self.callbacks.load_state_dict(state.get("callbacks") or {"early_stopping": state.get("early_stopping") or {}})
+
+
+def outputs(trainer: Trainer) -> dict[str, str]:
+    """Where a run's results are, for the report."""
+    run, ckpt = trainer.run, trainer.checkpointer.folder
+    found = {"run": str(run), "ckpt": str(ckpt) if ckpt.exists() else "",
+             "plots": " ".join(name for name in plots.PLOTS if (run.path / name).exists()),
+             "tb": "tensorboard --logdir " + str(run.path / "tensorboard") if trainer.cfg.logger.tensorboard else ""}
+    return {k: v for k, v in found.items() if v}

@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import make_config, make_trainer
 from dtrain import augment, data
 from dtrain import world as w
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 
 def images(n: int = 16, channels: int = 3, size: int = 20) -> torch.Tensor:

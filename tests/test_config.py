@@ -7,10 +7,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from dtrain import config
+from dtrain import config, validate
 from dtrain import world as w
 from dtrain.app import CONF_DIR
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from conftest import make_config
 
 
@@ -89,9 +89,9 @@ def test_a_misspelt_key_added_with_plus_is_refused_naming_it(override, message):
 
 def test_the_global_batch_must_split_evenly_across_ranks():
     cfg = make_config("data.batch_size=63")
-    config.check_world(cfg, w.World())
+    validate.check_world(cfg, w.World())
     with pytest.raises(ConfigError, match="data.batch_size=63 .* divide evenly by the world size 2"):
-        config.check_world(cfg, w.World(world_size=2))
+        validate.check_world(cfg, w.World(world_size=2))
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -99,7 +99,7 @@ def test_each_mixed_precision_this_pytorch_runs_on_the_cpu_is_accepted_and_reall
     from dtrain.tasks import autocast
     cfg = make_config(f"trainer.precision={precision}", "trainer.device=cpu")
     world = w.from_env("cpu", env={})
-    config.check_world(cfg, world)  # raises if refused
+    validate.check_world(cfg, world)  # raises if refused
     with autocast(world.device, cfg.trainer.precision):
         assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == dtype
 
@@ -110,7 +110,7 @@ def test_a_precision_the_device_cannot_autocast_to_is_refused_naming_it(monkeypa
     cfg = make_config("trainer.precision=fp16", "trainer.device=cpu")
     with pytest.raises(ConfigError, match="trainer.precision='fp16' is not allowed: this PyTorch cannot autocast "
                                           "to fp16 on cpu; use trainer.precision=fp32"):
-        config.check_world(cfg, w.from_env("cpu", env={}))
+        validate.check_world(cfg, w.from_env("cpu", env={}))
 
 
 def test_the_help_text_lists_the_values_of_enum_keys():

@@ -10,7 +10,8 @@ from PIL import Image
 
 from dtrain import augment, data
 from dtrain import world as w
-from dtrain.config import ConfigError, DataPath
+from dtrain.config import DataPath
+from dtrain.errors import ConfigError
 from dtrain.errors import DataError
 from conftest import make_config
 

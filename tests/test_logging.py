@@ -175,7 +175,7 @@ def test_a_forced_progress_bar_shows_epoch_loss_lr_and_throughput(tmp_path):
 
 
 def test_the_bar_follows_the_terminal_unless_set(tmp_path, monkeypatch, quiet_logs):
-    from dtrain.logs import ConsoleSink
+    from dtrain.sinks import ConsoleSink
     trainer = make_trainer(tmp_path, "debug=fast")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     assert ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar

@@ -9,7 +9,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_f1_score
 
 from conftest import make_config, make_trainer
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.tasks import TASKS, macro_auc, macro_f1
 
 

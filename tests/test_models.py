@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dtrain import models
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 

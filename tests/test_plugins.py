@@ -103,5 +103,5 @@ def test_named_entries_can_be_removed_by_name_and_a_list_is_named_by_its_targets
     cfg = make_config("+callbacks.a._target_=builtins.object", "+callbacks.b._target_=builtins.object",
                       "~callbacks.a")
     assert list(cfg.callbacks) == ["b"] and cfg.callbacks["b"] == plugins.Target("builtins.object", {})
-    from dtrain.config import named_targets
+    from dtrain.validate import named_targets
     assert list(named_targets("metrics", [{"_target_": "torchmetrics.Accuracy", "task": "binary"}])) == ["accuracy"]

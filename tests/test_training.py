@@ -9,7 +9,7 @@ import torch
 
 from dtrain import data, optim
 from dtrain.tasks import TASKS
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from conftest import make_config, make_trainer, params
 
 FAST = ("checkpoint.enabled=false", "logger=none")

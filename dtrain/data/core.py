@@ -32,6 +32,10 @@ class Splits:
     scaler: Optional[tuple[list[float], list[float]]] = None
     input_dtype: Optional[str] = None  # a user's data set: the inputs' dtype (None: float32)
 
+    def names(self) -> list[str]:
+        """The class names (classification): given, else the class indices."""
+        return self.class_names or [str(i) for i in range(self.out)]
+
     def describe(self) -> dict:
         """What a trained model needs to be used without the data set: its task, input shape, outputs,
         class names and the exact preprocessing (saved in every checkpoint)."""

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from dtrain import world as w
-from dtrain.config import DataConfig, fail
+from dtrain.config import DataConfig
+from dtrain.validate import fail
 from dtrain.data.core import Splits, tensor_splits
 from dtrain.errors import DataError
 
