@@ -56,7 +56,8 @@ L.seed_everything(0, verbose=False)
 train_x, train_y, val_x, val_y = mnist_sample()
 mean, std = train_x.float().div(255).mean(), train_x.float().div(255).std()
 train_x, val_x = (train_x.float().div(255) - mean) / std, (val_x.float().div(255) - mean) / std
-loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch // args.devices, shuffle=True, drop_last=True)
+loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch // args.devices, shuffle=True,
+                    drop_last=True)
 timer, module = EpochTimer(), Module()
 trainer = L.Trainer(accelerator="auto", devices=args.devices, max_epochs=args.epochs, callbacks=[timer],
                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

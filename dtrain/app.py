@@ -39,8 +39,8 @@ config.register()
 def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config:
     """A composed DictConfig as the typed, validated Config, checked against the registries' names.
     `given`: the parts dtrain.fit passes as objects."""
-    return validate.to_config(dcfg, {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES},
-                            {"model": models.BUILTIN, "data": data.BUILTIN}, given)
+    choices = {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES}
+    return validate.to_config(dcfg, choices, {"model": models.BUILTIN, "data": data.BUILTIN}, given)
 
 
 def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) -> int:

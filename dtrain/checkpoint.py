@@ -312,7 +312,8 @@ class Checkpointer:
 
 
 # Keys that say how or where a run executes, not what it trains: they may differ on resume.
-OPERATIONAL = ("resume", "name", "trainer.device", "trainer.log_every_n_steps", "trainer.stop_grace_s", "dist.", "launcher.",
+OPERATIONAL = ("resume", "name", "trainer.device", "trainer.log_every_n_steps", "trainer.stop_grace_s", "dist.",
+               "launcher.",
                "logger.", "checkpoint.", "data.root", "data.path", "data.download", "data.verify_checksums",
                "data.num_workers", "data.eval_batch_size", "data.loader", "data.pin_memory",
                "data.persistent_workers", "data.prefetch_factor", "debug.")

@@ -282,7 +282,8 @@ def as_dict(cfg: Any) -> Any:
     """Plain values only (enums as their names), as checkpoints and summaries store them; model and data
     as the config wrote them (`_target_` beside their keyword arguments and dtrain's keys)."""
     if isinstance(cfg, (ModelConfig, DataConfig)):
-        own = {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in ("factory", "kwargs")}
+        own = {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if f.name not in ("factory", "kwargs")}
         return {"_target_": cfg.factory, **own, **as_dict(cfg.kwargs)}
     if isinstance(cfg, plugins.Target):
         return as_dict(cfg.as_dict())

@@ -172,6 +172,12 @@ MODELS: dict[str, Spec] = {
 BUILTIN = {name: f"dtrain.models.{name}" for name in MODELS}  # name -> _target_, for configs from before _target_
 
 
+def offers(task: str, shape: tuple[int, ...], out: int) -> dict:
+    """What dtrain offers a model factory, by keyword: the data's input shape, outputs, and classes."""
+    classes = {"num_classes": out} if task == "classification" else {}
+    return {"input_shape": tuple(shape), "num_outputs": out, **classes}
+
+
 def build(cfg: ModelConfig, task: str, shape: tuple[int, ...], out: int, data_name: str) -> nn.Module:
     """The model `cfg` names (its `_target_` and keyword arguments) for data of `shape` with `out` outputs.
     The factory is also given `input_shape`, `num_outputs` and (classification) `num_classes` when it takes
@@ -185,9 +191,8 @@ def build(cfg: ModelConfig, task: str, shape: tuple[int, ...], out: int, data_na
         if spec.rank is not None and len(shape) != spec.rank:
             raise ConfigError(f"model={cfg.name} needs C x H x W images but data={data_name} gives shape "
                               f"{list(shape)}; use model=mlp or data with images")
-    offers = {"input_shape": tuple(shape), "num_outputs": out, **({"num_classes": out} if task == "classification" else {})}
     try:
-        net = plugins.instantiate("model", plugins.Target(cfg.factory, cfg.kwargs), offers)
+        net = plugins.instantiate("model", plugins.Target(cfg.factory, cfg.kwargs), offers(task, shape, out))
     except RuntimeError as e:  # e.g. images too small for LeNet's two 5x5 convolutions
         if spec is None:
             raise
@@ -207,8 +212,7 @@ def from_object(made: object, task: str, shape: tuple[int, ...], out: int) -> nn
     """dtrain.fit's model: an nn.Module as it is, or a callable that returns one (given the keywords dtrain
     offers a model factory and it takes)."""
     if callable(made) and not isinstance(made, nn.Module):
-        offers = {"input_shape": tuple(shape), "num_outputs": out, **({"num_classes": out} if task == "classification" else {})}
-        made = made(**plugins.accepted(made, offers))
+        made = made(**plugins.accepted(made, offers(task, shape, out)))
     if not isinstance(made, nn.Module):
         raise ConfigError(f"model: got a {type(made).__name__}, not a torch.nn.Module (or a callable returning one)")
     return made

@@ -52,15 +52,16 @@ def resolve(key: str, path: str) -> Callable:
                 raise ConfigError(f"{key}._target_={path}: importing {'.'.join(parts[:i])} failed: {e}; install the "
                                   "package it needs") from None
     if module is None:
-        raise ConfigError(f"{key}._target_={path}: cannot import {parts[0]!r} ({error}); install the package that defines it, "
-                          "or put its folder on PYTHONPATH") from None
+        raise ConfigError(f"{key}._target_={path}: cannot import {parts[0]!r} ({error}); install the package that "
+                          "defines it, or put its folder on PYTHONPATH") from None
     obj: Any = module
     for j, attr in enumerate(parts[i:], start=i):
         if not hasattr(obj, attr):
             raise ConfigError(f"{key}._target_={path}: {'.'.join(parts[:j])} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise ConfigError(f"{key}._target_={path} is a {type(obj).__name__}, not a class or function that can be called")
+        raise ConfigError(f"{key}._target_={path} is a {type(obj).__name__}, not a class or function that can be "
+                          "called")
     return obj
 
 

@@ -15,9 +15,10 @@ what may be removed after bad input.
     checkpoints/          step-*.pt, latest, best.pt (checkpoint.Checkpointer)
     .lock                 held by the main process for the run's lifetime: host, pid, start time
 
-Only the main process writes files, except each rank's own log and profiler trace. dtrain removes only what this invocation created, and only while the
-folder holds no result: Hydra makes the folder (and its parents) before dtrain runs, so a Hydra callback
-(`RecordExisting`, named in conf/config.yaml) notes which folders existed before.
+Only the main process writes files, except each rank's own log and profiler trace. dtrain removes only what
+this invocation created, and only while the folder holds no result: Hydra makes the folder (and its
+parents) before dtrain runs, so a Hydra callback (`RecordExisting`, named in conf/config.yaml) notes which
+folders existed before.
 """
 
 from __future__ import annotations

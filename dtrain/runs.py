@@ -104,7 +104,8 @@ def _run(full, objects: Optional[build.Objects] = None, given: frozenset = froze
     return result[0]
 
 
-def run_training(cfg: Config, world: w.World, run: rundir.RunDir, dcfg, objects: Optional[build.Objects] = None) -> dict:
+def run_training(cfg: Config, world: w.World, run: rundir.RunDir, dcfg,
+                 objects: Optional[build.Objects] = None) -> dict:
     """The body of a training run, once the world exists: own the run folder, log, record the config, fit."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf

@@ -159,8 +159,8 @@ class Trainer:
 
     def evaluate(self, loader, name: str = "val") -> dict:
         tc = self.cfg.trainer
-        return evaluate(self.model, loader, self.task, self.world, tc.precision, self.loss, self.cfg.debug.limit_batches,
-                        classes=self.splits.out if self.task.classifies else 0,
+        return evaluate(self.model, loader, self.task, self.world, tc.precision, self.loss,
+                        self.cfg.debug.limit_batches, classes=self.splits.out if self.task.classifies else 0,
                         bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics)
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
@@ -170,20 +170,20 @@ class Trainer:
                    **({} if penalty is None else {"l1_penalty": penalty.item()}),
                    **{f"val_{k}": val[k] for k in self.eval_names},
                    "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
-                   "samples_per_sec": train["samples"] / max(epoch_time, 1e-9), "step_time_s": epoch_time / max(steps, 1)}
+                   "samples_per_sec": train["samples"] / max(epoch_time, 1e-9),
+                   "step_time_s": epoch_time / max(steps, 1)}
         self.callbacks.call("on_train_epoch_end", self, metrics)
         self.last_metrics = metrics
         self.logger.epoch(metrics)
 
     def finish(self, val: Optional[dict], wall: float, samples_per_sec: float, step_time: float) -> dict:
-        cfg, names = self.cfg, self.eval_names
+        cfg, names, p = self.cfg, self.eval_names, self.progress
         if val is None and self.run.summary.exists():  # resumed a run that had already finished
             log.info(f"the run in {self.run} had already finished at step {self.progress.step}; its summary is kept")
             return json.loads(self.run.summary.read_text())
         self.final_val = val = val or self.evaluate(self.loaders.val)  # None: finished, but killed before its summary
-        p = self.progress  # epochs trained, counting one that trainer.max_steps ended part-way
-        summary = {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
-                   "epochs": p.epoch + (1 if p.samples_in_epoch else 0), "steps": p.step,
+        summary = {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,  # epochs: one that
+                   "epochs": p.epoch + (1 if p.samples_in_epoch else 0), "steps": p.step,  # max_steps cut counts
                    "train_loss": (self.last_metrics or {}).get("train_loss"),
                    **{f"val_{k}": val[k] for k in names}, "val_samples": val["samples"]}
         if self.loaders.test is not None:

@@ -5,7 +5,8 @@
 Faults: kill -9 of a rank at a random step (2 ranks under torchrun --max-restarts=1), SIGTERM, Ctrl-C
 (SIGINT), a corrupt newest checkpoint, a full disk while writing a checkpoint, a second job launched
 into a live run's folder, and SIGTERM or Ctrl-C sent to the whole process group of a job that streams its
-data through DataLoader worker processes (as SLURM, `timeout` and terminals send them). After each, the job is continued as a user would (the same command, or
+data through DataLoader worker processes (as SLURM, `timeout` and terminals send them). After each, the
+job is continued as a user would (the same command, or
 resume=last) and these invariants are checked:
 
 - no good checkpoint is lost or changed: every step file that existed keeps its bytes (or was pruned by

@@ -3,13 +3,14 @@
     torchrun --nproc_per_node=2 tests/faults.py key=value ...     with DTRAIN_FAULT=ACTION:RANK:STEP
     python tests/faults.py --launch key=value ...                  dtrain.launch, its workers wrapped too
 
-After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with
-SIGKILL, `slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on preemption), `int` with SIGINT (Ctrl-C), `groupterm`/`groupint` send those to the whole process group (its
-DataLoader workers too); `killsave` SIGKILLs rank 0 half-way
-through writing the checkpoint of step STEP (inside the real atomic write); `enospc` fails that write as a
-full disk would (`enospc-summary`: the write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is saved;
-`diestart` ends rank RANK silently before the process group forms, `hangstart` hangs it before its first
-collective (STEP is ignored for these). Faults fire only in torchrun's first
+After optimizer step STEP on rank RANK: `raise` an error, `hang` forever, `kill` the process with SIGKILL,
+`slow` sleeps 0.3 s after every step from STEP on, `term`/`usr1` it with SIGTERM/SIGUSR1 (as SLURM does on
+preemption), `int` with SIGINT (Ctrl-C), `groupterm`/`groupint` send those to the whole process group (its
+DataLoader workers too); `killsave` SIGKILLs rank 0 half-way through writing the checkpoint of step STEP
+(inside the real atomic write); `enospc` fails that write as a full disk would (`enospc-summary`: the
+write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is
+saved; `diestart` ends rank RANK silently before the process group forms, `hangstart` hangs it before its
+first collective (STEP is ignored for these). Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt. DTRAIN_LIST_THREADS=DIR writes the
@@ -67,7 +68,7 @@ def install() -> None:
 
             checkpoint._atomic_write = full_write
 
-        if action in ("diestart", "hangstart"):  # rank RANK dies before the group forms, or hangs before its first collective
+        if action in ("diestart", "hangstart"):  # dies before the group forms, or hangs before its first collective
             from dtrain import world
             original_group = world.process_group
 

@@ -70,7 +70,8 @@ def test_a_failed_write_leaves_no_partial_file_and_does_not_move_latest(tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
-    with pytest.raises(ckpt.CheckpointError, match="No space left on device; the checkpoints already there are untouched"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match="No space left on device; the checkpoints already there are untouched"):
         ckpt.save(folder, {"model": {"w": torch.zeros(2)}}, step=2, keep_last=3, is_best=True)
     assert checkpoint_files(tmp_path) == ["latest", "step-00000001.pt"]
     assert (folder / "latest").read_text() == "step-00000001.pt"
@@ -169,7 +170,9 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_
 
     a, b = params(whole.model), params(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    def read(d):
+        return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
     assert without_timing(read(tmp_path / "split")) == without_timing(read(tmp_path / "whole"))
 
 
@@ -181,7 +184,8 @@ def two_rank_reference(tmp_path_factory):
     return run
 
 
-def test_a_rank_killed_with_sigkill_is_restarted_by_torchrun_and_the_run_ends_as_if_never_killed(tmp_path, two_rank_reference):
+def test_a_rank_killed_with_sigkill_is_restarted_by_torchrun_and_the_run_ends_as_if_never_killed(tmp_path,
+                                                                                                  two_rank_reference):
     # The default run folder (runs/<name>/<torchrun launch time>) must survive torchrun's restart.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
            FAULTS, *SMALL]
@@ -197,7 +201,8 @@ def test_a_rank_killed_with_sigkill_is_restarted_by_torchrun_and_the_run_ends_as
 
 
 @pytest.mark.slow
-def test_a_kill_in_the_middle_of_writing_a_checkpoint_keeps_the_previous_one_and_resume_works(tmp_path, two_rank_reference):
+def test_a_kill_in_the_middle_of_writing_a_checkpoint_keeps_the_previous_one_and_resume_works(tmp_path,
+                                                                                               two_rank_reference):
     run = run_cli(tmp_path / "run", *SMALL, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "killsave:0:40"},
                   launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "--max-restarts=1"], timeout=300)
@@ -258,7 +263,8 @@ def test_a_checkpoint_resumed_on_another_world_size_continues_the_same_training(
 def can_mount_tmpfs() -> bool:
     probe = Path("/tmp/dtrain-tmpfs-probe")
     probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)]
+    ok = subprocess.run(mount, capture_output=True).returncode == 0
     if ok:
         subprocess.run(["umount", str(probe)])
     return ok

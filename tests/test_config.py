@@ -134,7 +134,8 @@ def test_an_experiment_overrides_groups_and_values_and_the_command_line_still_wi
 
 def test_debug_fast_shrinks_an_experiment_to_one_epoch_of_two_batches():
     cfg = make_config("experiment=cifar10_lenet", "debug=fast")
-    assert (cfg.model.name, cfg.trainer.epochs, cfg.debug.limit_batches, cfg.checkpoint.enabled) == ("lenet", 1, 2, False)
+    assert (cfg.model.name, cfg.trainer.epochs, cfg.debug.limit_batches, cfg.checkpoint.enabled) == \
+        ("lenet", 1, 2, False)
 
 
 def test_the_run_name_follows_the_chosen_model_and_data():

@@ -138,7 +138,9 @@ def test_synthetic_data_takes_any_shape_and_class_count():
 def test_regression_data_is_one_linear_relation_across_splits_with_the_noise_asked_for():
     def least_squares(cfg):
         splits = data.build(cfg, SINGLE)
-        ones = lambda x: torch.cat([x.flatten(1), torch.ones(len(x), 1)], 1).double()
+        def ones(x):
+            return torch.cat([x.flatten(1), torch.ones(len(x), 1)], 1).double()
+
         w = torch.linalg.lstsq(ones(splits.train.x), splits.train.y.double()).solution  # fitted on train only
         return [(ones(s.x) @ w - s.y.double()).std().item() for s in (splits.train, splits.val, splits.test)]
 

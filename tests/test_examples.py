@@ -85,7 +85,8 @@ def test_the_python_route_trains_the_same_with_one_process_and_under_torchrun(in
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
-    assert [s["world_size"] for s in summaries] == [1, 2] and [s["epochs_seen_by_callback"] for s in summaries] == [2, 2]
+    assert [s["world_size"] for s in summaries] == [1, 2]
+    assert [s["epochs_seen_by_callback"] for s in summaries] == [2, 2]
     assert_same_weights(final(tmp_path / "one")["model"], final(tmp_path / "two")["model"], rtol=1e-4, atol=1e-5)
     fitted = final(tmp_path / "two")
     assert fitted["config"]["model"]["_target_"] == "seqcls.model.GRUClassifier"  # rebuildable from the checkpoint
@@ -103,10 +104,15 @@ def test_fit_trains_a_users_objects_in_this_process_with_their_loss_metrics_and_
     from seqcls.losses import FocalLoss
     from seqcls.model import GRUClassifier
     calls = []
+
+    class Spy:
+        def on_log_step(self, trainer, metrics):
+            calls.append(metrics["step"])
+
     history = LossHistory()
     summary = dtrain.fit(GRUClassifier, Sequences(size=256), loss=FocalLoss(),
                          metrics={"wrong": lambda out, y: (out.argmax(1) != y).float().mean()},
-                         callbacks=[history, type("Spy", (), {"on_log_step": lambda self, t, m: calls.append(m["step"])})()],
+                         callbacks=[history, Spy()],
                          overrides=["trainer.epochs=2", "trainer.log_every_n_steps=2", "logger.plots=false",
                                     f"hydra.run.dir={tmp_path / 'run'}"])
     assert summary["model"] == "GRUClassifier" and summary["data"] == "Sequences" and summary["epochs"] == 2

@@ -27,7 +27,8 @@ from dtrain.errors import ConfigError
      "loss: torch.nn.functional.cross_entropy takes no argument 'label_smooth'"),
     (["+metrics.top._target_=torch.nn.functional.nope"], "metrics.top._target_=torch.nn.functional.nope"),
     (["+callbacks.bad._target_=math.pi"], "callbacks.bad._target_=math.pi is a float, not a class or function"),
-    (["+callbacks.bad=3"], "callbacks.bad: expected {_target_: package.module.Name, ...its keyword arguments}, found 3"),
+    (["+callbacks.bad=3"],
+     "callbacks.bad: expected {_target_: package.module.Name, ...its keyword arguments}, found 3"),
 ])
 def test_a_target_that_cannot_work_is_refused_at_validation_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

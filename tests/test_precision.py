@@ -70,10 +70,11 @@ def test_bf16_autocasts_the_forward_pass_but_computes_loss_and_metrics_in_fp32(t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compile_trains_the_same_model_to_the_same_loss(tmp_path):
-    runs = [run_cli(tmp_path / name, "trainer.max_steps=30", "trainer.epochs=1", f"trainer.compile={name == 'compiled'}",
-                    timeout=300) for name in ("eager", "compiled")]
+    runs = [run_cli(tmp_path / name, "trainer.max_steps=30", "trainer.epochs=1",
+                    f"trainer.compile={name == 'compiled'}", timeout=300) for name in ("eager", "compiled")]
     assert all(r.code == 0 for r in runs), runs
     eager, compiled = (r.summary["val_loss"] for r in runs)
     assert compiled == pytest.approx(eager, rel=1e-3)

@@ -198,7 +198,8 @@ def test_a_resume_with_other_training_values_is_refused_naming_them_unless_allow
     change = json.loads((first.dir / "config-changes.jsonl").read_text())
     assert change["changes"] == {"trainer.max_steps": [20, 40]} and change["checkpoint"].endswith("step-00000020.pt")
     assert (first.dir / "config.yaml").read_text() == original  # the record of the first run is never rewritten
-    moved = run_cli(tmp_path / "run", *SMALL, "trainer.max_steps=40", "data.num_workers=1", "trainer.log_every_n_steps=5")
+    moved = run_cli(tmp_path / "run", *SMALL, "trainer.max_steps=40", "data.num_workers=1",
+                    "trainer.log_every_n_steps=5")
     assert moved.code == 0, moved  # how a run executes may change freely
 
 
@@ -300,7 +301,8 @@ def test_a_full_disk_while_writing_metrics_is_the_clean_error_and_checkpoints_st
 
 
 def test_a_full_disk_while_writing_the_summary_is_the_clean_error_and_checkpoints_stay_intact(tmp_path):
-    run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=1", target=(FAULTS,), env={"DTRAIN_FAULT": "enospc-summary:0:0"})
+    run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=1", target=(FAULTS,),
+                  env={"DTRAIN_FAULT": "enospc-summary:0:0"})
     assert run.code == 2, run
     assert f"could not write {run.dir / 'summary.json'}: No space left on device" in run.err, run
     assert "Traceback" not in run.err and run.err.count("\n") == 1, run

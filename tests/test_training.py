@@ -175,7 +175,7 @@ def test_the_run_folder_holds_metrics_per_epoch_and_a_summary(tmp_path, quiet_lo
     t = make_trainer(tmp_path, *SYNTH, "trainer.epochs=2", "checkpoint.enabled=false")
     t.fit()
     t.close()
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for key in ("epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "samples_per_sec", "epoch_time_s"):
         assert key in lines[0]

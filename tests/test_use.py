@@ -153,7 +153,8 @@ def test_predict_reads_image_files_a_folder_and_tensor_files_with_the_training_p
 @pytest.mark.parametrize("make,message", [
     (lambda p: Image.new("RGB", (28, 28)).save(p / "x.png"), "has 3 channel(s) (RGB) but the model takes 1"),
     (lambda p: Image.new("L", (32, 32)).save(p / "x.png"), "is 32x32 pixels but the model takes 28x28; resize it"),
-    (lambda p: np.save(p / "x.npy", np.zeros((2, 3, 28, 28), np.uint8)), "shape [2, 3, 28, 28] but the model takes [1, 28, 28]"),
+    (lambda p: np.save(p / "x.npy", np.zeros((2, 3, 28, 28), np.uint8)),
+     "shape [2, 3, 28, 28] but the model takes [1, 28, 28]"),
     (lambda p: (p / "x.png").write_text("not an image"), "is not a readable image"),
 ])
 def test_predict_names_an_input_of_the_wrong_size_channels_or_kind(tmp_path, mnist_ckpt, make, message):
@@ -175,7 +176,8 @@ def test_predict_checks_where_its_csv_goes_before_predicting(tmp_path, mnist_ckp
 
 def test_predict_refuses_float_images_outside_0_to_1(tmp_path, mnist_ckpt):
     images = sample_images(2)[0].float()  # 0..255 as floats: the classic slip
-    with pytest.raises(BadInput, match="float image inputs must be pixels scaled to 0..1, but these range from 0 to 255"):
+    with pytest.raises(BadInput,
+                       match="float image inputs must be pixels scaled to 0..1, but these range from 0 to 255"):
         api.load_model(mnist_ckpt).predict(images)
     torch.testing.assert_close(api.load_model(mnist_ckpt).predict(images / 255),
                                api.load_model(mnist_ckpt).predict(images.to(torch.uint8)))

@@ -22,7 +22,8 @@ SRUN = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_N
 def test_a_lone_process_is_rank_zero_of_one_on_the_cpu_with_gloo_or_its_gpu_with_nccl(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     world = w.from_env(env={})
-    assert (world.rank, world.world_size, world.launcher, world.is_main, world.distributed) == (0, 1, "single", True, False)
+    assert (world.rank, world.world_size, world.launcher, world.is_main, world.distributed) == \
+        (0, 1, "single", True, False)
     assert world.device == torch.device("cpu") and world.backend == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -32,7 +33,8 @@ def test_a_lone_process_is_rank_zero_of_one_on_the_cpu_with_gloo_or_its_gpu_with
 def test_torchrun_variables_give_rank_sizes_nodes_and_rendezvous():
     world = w.from_env(env=TORCHRUN)
     assert (world.rank, world.local_rank, world.world_size, world.local_world_size, world.num_nodes) == (3, 1, 4, 2, 2)
-    assert (world.launcher, world.master_addr, world.master_port, world.is_main) == ("torchrun", "10.0.0.5", 29400, False)
+    assert (world.launcher, world.master_addr, world.master_port, world.is_main) == \
+        ("torchrun", "10.0.0.5", 29400, False)
 
 
 def test_srun_variables_give_rank_sizes_and_the_first_node_as_master():

@@ -112,7 +112,8 @@ def mnist(root: Optional[str] = None, download: bool = True, *, options: DataCon
     cfg = options
     root = _root(root, cfg.name, "MNIST/raw/")
     raw = root / "MNIST" / "raw"
-    pairs = [("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    pairs = [("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
 
     def load(download: bool):
         if download and not all((raw / f).exists() for pair in pairs for f in pair):

@@ -87,7 +87,8 @@ def _classes(cfg: DataConfig, source: Any, train: Dataset, task: str, y: Any) ->
     if getattr(source, "num_classes", None):
         return None, int(source.num_classes)
     targets = getattr(source, "targets", None)
-    labels = torch.as_tensor(targets) if targets is not None else torch.tensor([int(train[i][1]) for i in range(len(train))])
+    labels = torch.as_tensor(targets) if targets is not None else \
+        torch.tensor([int(train[i][1]) for i in range(len(train))])
     if labels.numel() == 0 or labels.min() < 0:
         raise ConfigError(f"data: the class labels of {cfg.factory} must be integers 0..C-1")
     return None, int(labels.max()) + 1
