@@ -27,8 +27,7 @@ def mnist_sample() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 def model(name: str) -> torch.nn.Module:
     from dtrain import models
-    from dtrain.config import ModelConfig
-    return models.build(ModelConfig(name), "classification", (1, 28, 28), 10, "mnist_sample")
+    return models.build(models.builtin(name), "classification", (1, 28, 28), 10, "mnist_sample")
 
 
 def report(samples_per_sec: list[float], val_acc: float) -> None:
