@@ -20,6 +20,7 @@ def comparable(summary: dict) -> dict:
                                     "test_f1", "test_auc")}
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_launch_local_sh_starts_n_processes(tmp_path):
     run = run_cli(tmp_path / "run", "debug=fast", launcher=["bash", str(ROOT / "launch" / "local.sh"), "2"],
                   target=(), env={"PATH": f"{Path(sys.executable).parent}:{CHILD_ENV['PATH']}"})
@@ -137,6 +138,7 @@ def test_a_rank_that_raises_stops_the_whole_job_quickly_naming_the_rank(tmp_path
     assert "[rank 1] ERROR [rank 1] dtrain: RuntimeError: injected failure" in logged and "faulty_step" in logged
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_a_stuck_rank_ends_the_job_at_the_collective_timeout_with_a_clear_message(tmp_path):
     start = time.monotonic()
     run = run_cli(tmp_path / "run", *SMALL, "trainer.epochs=50", "dist.timeout_s=8", nproc=2, target=(FAULTS,),

@@ -205,6 +205,7 @@ def test_tensorboard_holds_step_and_epoch_scalars_and_the_hparams_with_final_met
     assert scalars["final/val_acc"][-1][1] == pytest.approx(summary["val_acc"])
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_wandb_offline_records_config_metrics_and_summary_and_a_resumed_job_continues_its_run(tmp_path):
     first = run_cli(tmp_path / "run", "logger=wandb", "trainer.epochs=1", env=WANDB_OFFLINE)
     assert first.code == 0, first

@@ -142,6 +142,7 @@ class WithUnused(nn.Module):  # a head that never takes part in the loss
 """
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_a_model_with_unused_parameters_gets_the_option_that_fixes_it_and_trains_with_it(tmp_path):
     (tmp_path / "with_unused.py").write_text(UNUSED)  # a user's model, in a config folder of theirs
     (tmp_path / "conf" / "model").mkdir(parents=True)

@@ -247,7 +247,7 @@ def test_an_idx_file_with_a_garbage_header_is_a_data_error_naming_it(tmp_path):
     assert not run.dir.exists()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_corrupt_image_in_an_image_folder_is_one_line_naming_it(tmp_path, workers):
     from conftest import write_image_folder
     root = write_image_folder(tmp_path / "images", per_class=6)

@@ -224,6 +224,7 @@ def test_the_python_api_trains_with_overrides_and_reads_back_what_the_run_wrote(
         api.read_metrics(tmp_path)
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_the_readme_walk_train_evaluate_predict_export(tmp_path):
     run = run_cli(tmp_path / "run", "trainer.epochs=1")
     assert run.code == 0, run

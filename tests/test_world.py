@@ -113,6 +113,7 @@ def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
         w.from_env(env=TORCHRUN)
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_a_world_that_never_forms_ends_in_bounded_time_naming_the_address(tmp_path):
     port = free_port()  # nobody listens here: rank 1 waits for a rank 0 that never comes
     env = {**CHILD_ENV, "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",

@@ -3,11 +3,11 @@ its optimizer state; parameters are all-gathered for the forward and backward of
 reduce-scattered.
 
 Sharding is per block, then the root: the submodules whose class `dist.fsdp.shard` names (dtrain's own
-models name theirs: each linear and convolution layer; ResNet's residual blocks), else the root alone. With `dist.fsdp.meta_init=true` the
-model is built on the meta device and only each rank's shards are ever materialised (`to_empty`, then each
-module's `reset_parameters`): no rank holds the whole model, but the random draw is not the unsharded
-one's. Otherwise the whole model is initialised from the seed first and sharded after, so its weights
-match DDP's and any world size's.
+models name theirs: each linear and convolution layer; ResNet's residual blocks), else the root alone.
+With `dist.fsdp.meta_init=true` the model is built on the meta device and only each rank's shards are ever
+materialised (`to_empty`, then each module's `reset_parameters`): no rank holds the whole model, but the
+random draw is not the unsharded one's. Otherwise the whole model is initialised from the seed first and
+sharded after, so its weights match DDP's and any world size's.
 """
 
 from __future__ import annotations

@@ -1,0 +1,100 @@
+"""Distributed checkpoints (`checkpoint.format=dcp`): a folder `checkpoints/step-<N>/` that every rank writes
+its own shards into with `torch.distributed.checkpoint`, beside the small state the main rank writes.
+
+    step-00000120/
+      .metadata, __<rank>_0.distcp    the model and optimizer, sharded as they were trained (DCP's files)
+      state.pt                        everything else: progress, scheduler, scaler, callbacks, every rank's
+                                      RNG and sums, the config (dtrain's file format, weights only)
+
+The folder is written under a temporary name and renamed once every rank's shards and `state.pt` are
+durable, so a folder named `step-<N>` is complete. Loading reshards: the saved tensors are read into
+whatever layout the model and optimizer have now (another world size, DDP or FSDP), and a model can be
+consolidated into one full state dict in a single process (inference, export).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+STATE = "state.pt"
+METADATA = ".metadata"
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / METADATA).is_file() and (path / STATE).is_file()
+
+
+def temporary(path: Path) -> Path:
+    """Where `path` is written before it counts (the same name on every rank)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and optimizer's state as DCP saves and loads it: each rank's shards (FSDP) or the
+    replicated tensors (one process, DDP), keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def write(folder: Path, tensors: dict[str, Any], process_group=None):
+    """Every rank writes its shards of `tensors` into `folder`; returns a future when `process_group` is
+    given (asynchronous: the caller waits on it before the folder may count), else None once written."""
+    import torch.distributed.checkpoint as dcp
+    if process_group is not None:
+        return dcp.async_save(tensors, checkpoint_id=str(folder), process_group=process_group)
+    dcp.save(tensors, checkpoint_id=str(folder))
+    return None
+
+
+def read_into(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Load a checkpoint's model (and optimizer) into their current layout, whatever layout saved them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+    if optimizer is None:
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The model's full state dict, consolidated from every shard in this one process (no process group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    metadata = FileSystemReader(str(path)).read_metadata()
+    keys = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
+    loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))
+    return {k.removeprefix("model."): v for k, v in _flatten(loaded).items()}
+
+
+def _flatten(nested: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in nested.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def fsync_tree(folder: Path) -> None:
+    """Make every file of `folder` durable (DCP writes them; a rename must not outrun their data)."""
+    for file in folder.iterdir():
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
