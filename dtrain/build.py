@@ -10,6 +10,7 @@ Each of model, data, loss, metrics and callbacks comes from its `_target_` in th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from dtrain import callbacks as cb
-from dtrain import data, models, optim, perf, plugins, strategy
+from dtrain import data, models, optim, perf, plugins, strategy, validate
 from dtrain import world as w
-from dtrain.checkpoint import Checkpointer, seed_everything
+from dtrain.checkpoint import seed_everything
+from dtrain.checkpointer import Checkpointer
 from dtrain.config import Config, Precision, as_dict
 from dtrain.errors import ConfigError
 from dtrain.sinks import Context, MetricLogger
@@ -69,13 +71,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     splits = data.build(cfg.data, world, _called(given.data, {"options": cfg.data, "world": world}))
     task = TASKS[splits.task]
     input_format = perf.memory_format(tc.channels_last, splits.shape)
-    model = models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name) if given.model is None \
-        else models.from_object(given.model, splits.task, splits.shape, splits.out)
-    if cfg.model.init_from:  # before wrapping, which starts every rank from rank 0's weights
-        models.init_from(model, cfg.model.name, cfg.model.init_from)
-    model.to(world.device, memory_format=input_format)
-    plan = strategy.build("ddp", world, cfg.dist, cfg.model.sync_batchnorm)
-    net = plan.setup(model)
+    model, plan, net = make_model(cfg, world, splits, given, input_format)
     perf.set_tf32(tc.tf32)
     if tc.compile:
         net = torch.compile(net)
@@ -100,9 +96,38 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         checkpointer=Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                   enabled=not cfg.debug.limit_batches and not cfg.debug.overfit_batches,
                                   monitor=monitor, higher_is_better=task.higher_is_better(monitor), seed=cfg.seed,
-                                  config=as_dict(cfg),
+                                  config=as_dict(cfg), fmt=validate.checkpoint_format(cfg),
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format)
+
+
+def make_model(cfg: Config, world: w.World, splits: data.Splits, given: Objects,
+               input_format: torch.memory_format) -> tuple[nn.Module, strategy.Strategy, nn.Module]:
+    """The model on the device, its strategy, and the module the forward runs on. It is initialised from the
+    seed whole, then wrapped (so every strategy and world size starts from the same weights); with
+    dist.fsdp.meta_init it is built on the meta device, sharded, and only this rank's shards materialised."""
+    blocks = models.blocks(cfg.model) if given.model is None else ()
+    plan = strategy.build(cfg, world, blocks)
+    meta = cfg.dist.strategy.value == "fsdp" and cfg.dist.fsdp.meta_init and world.distributed
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name) \
+            if given.model is None else models.from_object(given.model, splits.task, splits.shape, splits.out)
+    if cfg.trainer.activation_checkpointing:
+        perf.checkpoint_activations(model, cfg.dist.fsdp.shard or blocks)
+    if not meta:
+        if cfg.model.init_from:  # before wrapping, which starts every rank from rank 0's weights
+            models.init_from(model, cfg.model.name, cfg.model.init_from)
+        model.to(world.device, memory_format=input_format)
+        return model, plan, plan.setup(model)
+    net = plan.setup(model)
+    model.to_empty(device=world.device)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    if cfg.model.init_from:
+        plan.load_model_state_dict(model, models.read_weights(cfg.model.name, cfg.model.init_from))
+    return model, plan, net
 
 
 def schedule_length(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
@@ -165,7 +190,7 @@ def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, mon
     es = cfg.trainer.early_stopping
     own: dict[str, Any] = {
         "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, task.higher_is_better(monitor)),
-        "throughput": cb.Throughput(splits.shape, cfg.trainer.precision != Precision.fp32)}
+        "throughput": cb.Throughput(splits.shape, cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
     if cfg.trainer.profile:
         own["profiler"] = cb.Profiler(run.track(run.path / "profile"))
     if cfg.logger.plots:

@@ -145,6 +145,21 @@ class Throughput(Callback):
         self.add(summary, trainer.world.world_size)
 
 
+class Memory(Callback):
+    """What one rank holds, in summary.json and the report: `state_bytes_per_rank` (its parameters,
+    gradients and optimizer state: the largest rank's, so a sharded model shows its shard) and, on CUDA,
+    `peak_memory_bytes` (the largest rank's peak allocation)."""
+
+    def on_fit_end(self, trainer, summary: dict) -> None:
+        from dtrain import perf
+        from dtrain import world as w
+        held = perf.state_bytes(trainer.model, trainer.optimizer)
+        summary["state_bytes_per_rank"] = {k: w.max_over_ranks(v, trainer.world.device) for k, v in held.items()}
+        if trainer.world.device.type == "cuda":
+            summary["peak_memory_bytes"] = w.max_over_ranks(torch.cuda.max_memory_allocated(trainer.world.device),
+                                                            trainer.world.device)
+
+
 class Profiler(Callback):
     """torch.profiler trace of this rank from the start of training to the first log step at least 3
     steps in (a lower trainer.log_every_n_steps gives a shorter trace), in folder/rank{N}.*.pt.trace.json,
@@ -182,17 +197,19 @@ class Plots(Callback):
     metrics.jsonl), then every plot dtrain.plots can draw from the run folder."""
 
     def on_fit_end(self, trainer, summary: dict) -> None:
-        if not trainer.world.is_main:
-            return
         from dtrain import plots
         from dtrain.tasks import predict_samples
-        run = trainer.run
-        if trainer.task.classifies and trainer.final_val is not None:
+        run, classify = trainer.run, trainer.task.classifies and trainer.final_val is not None
+        # Every rank predicts (a sharded model's forward is a collective); the main rank writes.
+        samples = predict_samples(trainer.model, trainer.loaders.val.dataset, trainer.world.device) \
+            if classify and len(trainer.shape) == 3 else None
+        if not trainer.world.is_main:
+            return
+        if classify:
             classes = trainer.splits.names()
             run.write_text(run.confusion, json.dumps({"classes": classes, "matrix": trainer.final_val["confusion"]})
                            + "\n")
-            if len(trainer.shape) == 3:  # images: a grid of predictions to look at
-                samples = predict_samples(trainer.model, trainer.loaders.val.dataset, trainer.world.device)
+            if samples is not None:  # images: a grid of predictions to look at
                 run.write(run.samples, lambda: plots.save_samples(run.samples, **samples, classes=classes))
         for name in plots.PLOTS:
             run.write(run.path / name, lambda name=name: plots.draw_one(run.path, name))

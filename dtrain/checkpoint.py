@@ -1,39 +1,31 @@
-"""Checkpoints as a contract, and the `Checkpointer` that runs the protocol across ranks.
+"""Checkpoints as a contract (the `Checkpointer` in dtrain/checkpointer.py runs the protocol across ranks).
 
-Layout in <run>/checkpoints/: `step-00000120.pt` files, `latest` (the name of the newest complete one,
-moved only after that file is durable), `best.pt`. Writing goes to a temporary file in the same folder,
-is fsynced, then renamed, so a reader never sees half a checkpoint. Loading uses
-`torch.load(weights_only=True)`: a file that would run code on unpickling is refused.
-
-The trainer only offers `state_dict()` / `load_state_dict()` (and the per-rank sums it keeps); the
-Checkpointer decides when to save, gathers every rank's RNG and sums, writes on the main rank, makes
-every rank fail together, picks the file to resume from, and re-shards per-rank state when the world
-size changed.
+Layout in <run>/checkpoints/: `step-00000120.pt` files (checkpoint.format=file) or `step-00000120/`
+folders (distributed checkpoints, dtrain/dcp.py), `latest` (the name of the newest complete one, moved only
+after it is durable), and the best: a `best.pt` copy, or a `best` pointer to a folder. Writing goes to a
+temporary name in the same folder, is fsynced, then renamed, so a reader never sees half a checkpoint.
+Loading uses `torch.load(weights_only=True)`: a file that would run code on unpickling is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import random
 import re
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from dtrain import signals
-from dtrain import world as w
-from dtrain.config import CheckpointConfig
-from dtrain.errors import CheckpointError, Preempted
+from dtrain import dcp
+from dtrain.errors import CheckpointError
 from dtrain.logs import log
 
 FORMAT_VERSION = 2  # 2: per-rank sums are [loss, count, *task extras]; precision is fp32|bf16|fp16
-_STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+_STEP = re.compile(r"step-(\d+)(\.pt)?")  # a file step-N.pt, or a distributed checkpoint's folder step-N
 
 
 # -- RNG state of one process, in a form torch.load(weights_only=True) accepts ----------------------
@@ -87,11 +79,17 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def step_files(folder: Path) -> list[Path]:
-    """Checkpoint files in `folder`, newest step first."""
+    """Checkpoints in `folder` (step-N.pt files, step-N folders), newest step first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP.fullmatch(p.name)) and p.is_dir() == (m.group(2) is None)]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def _write_failed(folder: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"could not write a checkpoint in {folder}: {e.strerror or e}; the checkpoints "
+                           "already there are untouched. Free space or fix the folder's permissions, then resume")
 
 
 def save(folder: Path, state: dict, step: int, keep_last: int, is_best: bool) -> Path:
@@ -104,17 +102,52 @@ def save(folder: Path, state: dict, step: int, keep_last: int, is_best: bool) ->
         if is_best:
             _atomic_write(folder / "best.pt", lambda f: f.write(path.read_bytes()))
     except OSError as e:
-        raise CheckpointError(f"could not write a checkpoint in {folder}: {e.strerror or e}; the "
-                              "checkpoints already there are untouched. Free space or fix the folder's "
-                              "permissions, then resume") from e
-    for old in step_files(folder)[keep_last:]:
-        old.unlink(missing_ok=True)
+        raise _write_failed(folder, e) from e
+    prune(folder, keep_last)
     return path
 
 
+def publish(folder: Path, written: Path, state: dict, step: int, keep_last: int, is_best: bool) -> Path:
+    """A distributed checkpoint whose shards every rank has written to the temporary folder `written`: add
+    `state.pt`, make it all durable, rename it to step-<step>, then move `latest` (and `best`) to it."""
+    path = folder / f"step-{step:08d}"
+    try:
+        _atomic_write(written / dcp.STATE, lambda f: torch.save({**state, "format": FORMAT_VERSION}, f))
+        dcp.fsync_tree(written)
+        if path.exists():  # the same step saved again (a resumed run): the new one replaces it
+            dcp.remove(path)
+        os.replace(written, path)
+        _fsync_dir(folder)
+        _atomic_write(folder / "latest", lambda f: f.write(path.name.encode()))
+        if is_best:  # a pointer: the folder it names is kept out of pruning
+            _atomic_write(folder / "best", lambda f: f.write(path.name.encode()))
+    except OSError as e:
+        raise _write_failed(folder, e) from e
+    prune(folder, keep_last)
+    return path
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    """All but the newest `keep_last` checkpoints go (not the folder `best` names)."""
+    best = _pointed(folder / "best")
+    for old in step_files(folder)[keep_last:]:
+        if old.is_dir():
+            if old != best:
+                dcp.remove(old)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _pointed(pointer: Path) -> Optional[Path]:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return pointer.parent / pointer.read_text().strip()
+    return None
+
+
 def follow_latest(path: Path) -> Path:
-    """`checkpoints/latest` names the newest checkpoint file; any other path is itself."""
-    if path.name != "latest" or not path.is_file():
+    """`checkpoints/latest` (and a distributed checkpoint's `checkpoints/best`) name the checkpoint they point
+    to; any other path is itself."""
+    if path.name not in ("latest", "best") or not path.is_file():
         return path
     try:
         return path.parent / path.read_text().strip()
@@ -129,13 +162,28 @@ _CONTENTS = {"format": int, "model": dict, "optimizer": dict, "scheduler": dict,
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check one checkpoint file; any file that is not a readable dtrain checkpoint (missing,
-    a folder, text, truncated, foreign, code-carrying) becomes one CheckpointError saying what is wrong.
-    `checkpoints/latest` is followed to the file it names."""
+    """Load and check one checkpoint: a file, or a distributed checkpoint's folder, whose small state is
+    loaded (its model and optimizer stay on disk: `state["dcp"]` names the folder; `weights` reads the
+    model). Anything that is not a readable dtrain checkpoint (missing, text, truncated, foreign,
+    code-carrying, a folder of something else) becomes one CheckpointError saying what is wrong.
+    `checkpoints/latest` is followed to the checkpoint it names."""
     path = follow_latest(Path(path))
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file "
-                              "(.../checkpoints/step-N.pt or best.pt), or resume=auto for a run folder's newest")
+        if not dcp.is_checkpoint(path):
+            raise CheckpointError(f"checkpoint {path} is a folder but not a complete distributed checkpoint (no "
+                                  f"{dcp.METADATA} and {dcp.STATE}); give a checkpoint (.../checkpoints/step-N.pt, "
+                                  "step-N/ or best.pt), or resume=auto for a run folder's newest")
+        state = _load_file(path / dcp.STATE, map_location, required=_CONTENTS.keys() - {"model", "optimizer"})
+        return {**state, "dcp": str(path)}
+    return _load_file(path, map_location, required=_CONTENTS.keys())
+
+
+def weights(state: dict) -> dict[str, torch.Tensor]:
+    """A loaded checkpoint's model weights (a distributed checkpoint's, consolidated in this process)."""
+    return dcp.full_model_state(Path(state["dcp"])) if "dcp" in state else state["model"]
+
+
+def _load_file(path: Path, map_location, required) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as e:
@@ -153,7 +201,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {state['format']}; this dtrain reads "
                               f"format {FORMAT_VERSION}")
-    wrong = [k for k, kind in _CONTENTS.items() if not isinstance(state.get(k), kind)]
+    wrong = [k for k, kind in _CONTENTS.items() if k in required and not isinstance(state.get(k), kind)]
     if wrong:
         raise CheckpointError(f"checkpoint {path} is not a complete dtrain checkpoint (missing or malformed: "
                               f"{', '.join(wrong)})")
@@ -175,8 +223,8 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    for stale in folder.glob(".*.tmp-*"):  # a write that was killed part-way; never renamed into place
-        stale.unlink(missing_ok=True)
+    for stale in folder.glob(".*.tmp*"):  # a write that was killed part-way; never renamed into place
+        dcp.remove(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     for path in candidates:
         try:
             return path, load(path)
@@ -186,129 +234,6 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
             path.rename(aside)
             log.warning(f"warning: {e}; moved it to {aside.name} and trying an older checkpoint")
     return None
-
-
-# -- the protocol across ranks ----------------------------------------------------------------------
-
-class Checkpointable(Protocol):
-    def state_dict(self) -> dict: ...  # the same on every rank: model, optimizer, progress, ...
-    def rank_state(self) -> dict[str, torch.Tensor]: ...  # this rank's own additive sums
-    def load_state_dict(self, state: dict) -> None: ...  # state["rank"] holds this rank's sums
-
-
-class Checkpointer:
-    """When to save, how every rank takes part, and what to resume from, for one run folder."""
-
-    def __init__(self, folder: Path, cfg: CheckpointConfig, world: w.World, enabled: bool, monitor: str,
-                 higher_is_better: bool, seed: int, config: dict, record_change: Callable[[str], None]):
-        self.folder, self.cfg, self.world, self.enabled = folder, cfg, world, enabled and cfg.enabled
-        self.monitor, self.higher_is_better, self.seed = monitor, higher_is_better, seed
-        self.config, self.record_change = config, record_change  # this run's config; where changes are noted
-        self.best: Optional[float] = None  # the monitored value of best.pt
-
-    def should_save(self, step: int, epoch: int, *, epoch_end: bool, last: bool = False) -> bool:
-        """At the end of training, every `every_n_epochs` epochs, every `every_n_steps` steps. At an epoch's
-        end both cadences count, so a step that ends an epoch is saved once, with its validation."""
-        by_step = bool(self.cfg.every_n_steps) and step % self.cfg.every_n_steps == 0
-        by_epoch = epoch_end and bool(self.cfg.every_n_epochs) and epoch % self.cfg.every_n_epochs == 0
-        return self.enabled and (last or by_step or by_epoch)
-
-    def save(self, trainer: Checkpointable, step: int, val: Optional[dict] = None) -> None:
-        """All ranks call this: gather every rank's RNG and sums, let the main rank write, fail together.
-        `val` (the epoch's validation metrics, or None mid-epoch) decides whether this becomes best.pt."""
-        ranks = w.gather_objects({"rng": rng_state(), **{k: v.cpu() for k, v in trainer.rank_state().items()}})
-        is_best = False
-        if val is not None:
-            value = val[self.monitor.removeprefix("val_")]
-            is_best = self.best is None or (value > self.best if self.higher_is_better else value < self.best)
-            self.best = value if is_best else self.best
-        error = None
-        if self.world.is_main:
-            try:
-                state = {**trainer.state_dict(), "best": self.best, "ranks": ranks,
-                         "world_size": self.world.world_size}
-                path = save(self.folder, state, step, self.cfg.keep_last, is_best)
-                log.info(f"checkpoint: {path}" + (" (best)" if is_best else ""))
-            except CheckpointError as e:
-                error = str(e)
-        error = w.broadcast_object(error)
-        if error:
-            raise CheckpointError(error)
-
-    def save_on_stop(self, trainer: Checkpointable, step: int, stop: Preempted) -> None:
-        """Every rank got here after the same step of a stop signal: checkpoint it (if checkpointing is on)
-        and say, once, how to go on."""
-        why = f"stopped by {signals.name(stop.signum)} after step {step}"
-        if not self.enabled:
-            stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
-            log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
-                     "was saved and a rerun starts over")
-            return
-        self.save(trainer, step)
-        log.info(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
-                 f"resume=last (the newest run of this config) or hydra.run.dir={self.folder.parent}")
-
-    def resume(self, trainer: Checkpointable, resume: str) -> Optional[dict]:
-        """Load `resume` (auto: the newest good checkpoint here, if any; none; a path) into `trainer`
-        on every rank. Returns the checkpoint's state, or None when starting fresh."""
-        if resume == "none" or resume in ("auto", "last") and not self.enabled:
-            return None
-        if resume in ("auto", "last"):  # for last, the run folder already is the newest run's (rundir.folder_id)
-            # The main rank picks the newest good file, so all ranks load the same one.
-            found = find_resumable(self.folder) if self.world.is_main else None
-            path = w.broadcast_object(str(found[0]) if found else None)
-            if path is None:
-                return None
-        else:
-            path = str(follow_latest(Path(resume)))
-        state = load(Path(path), map_location=self.world.device)
-        if state["model_name"] != self.config["model"]["name"]:
-            raise CheckpointError(f"checkpoint {path} holds model={state['model_name']} but the config asks for "
-                                  f"model={self.config['model']['name']}; pass the matching model= or "
-                                  "resume=none to start fresh")
-        try:
-            state["rank"] = self._this_ranks_share(state)
-            trainer.load_state_dict(state)
-        except Exception as e:  # a file that loads but does not fit: the clear error, never a traceback
-            raise CheckpointError(f"checkpoint {path} {(str(e).splitlines() or [''])[0]}") from e
-        self._check_config(state["config"], path)
-        self.best = state.get("best")
-        where = f"in epoch {state['epoch'] + 1}" if state["samples_in_epoch"] else f"after epoch {state['epoch']}"
-        log.info(f"resumed from {path}: step {state['step']}, {where}")
-        return state
-
-    def _check_config(self, saved: dict, path: str) -> None:
-        """Resuming with other training values would mix two runs under one record: refuse, naming the
-        keys, unless checkpoint.allow_config_change=true, which notes what changed and when."""
-        changes = config_changes(saved, self.config)
-        if not changes:
-            return
-        listed = ", ".join(f"{k}={a!r} -> {b!r}" for k, (a, b) in changes.items())
-        if not self.cfg.allow_config_change:
-            refused = CheckpointError(f"checkpoint {path} was trained with other values: {listed}; rerun with the "
-                                      "original values, resume=none to start fresh, or checkpoint."
-                                      "allow_config_change=true to continue with the new ones (noted in "
-                                      "config-changes.jsonl)")
-            refused.same_on_every_rank = True  # every rank compares the same two configs: say it once
-            raise refused
-        log.info(f"resuming {path} with changed values: {listed} (noted in config-changes.jsonl)")
-        self.record_change(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(path),
-                                       "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-
-    def _this_ranks_share(self, state: dict) -> dict:
-        """The same world size continues each rank's RNG and sums exactly. Another world size cannot:
-        random streams restart from the seed (a warning says so) and the sums, being additive, go to
-        the main rank. The data position itself re-shards on any world size (data.TrainSampler)."""
-        ranks = state["ranks"]
-        if state["world_size"] == self.world.world_size:
-            share = dict(ranks[self.world.rank])
-            set_rng_state(share.pop("rng"))
-            return share
-        log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
-                    "ranks: data continues from the saved position, random streams are re-seeded")
-        seed_everything(self.seed + self.world.rank + state["step"])
-        keys = [k for k in ranks[0] if k != "rng"]
-        return {k: sum(r[k] for r in ranks) * (1 if self.world.is_main else 0) for k in keys}
 
 
 # Keys that say how or where a run executes, not what it trains: they may differ on resume.

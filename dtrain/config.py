@@ -33,6 +33,17 @@ class DataPath(str, enum.Enum):
     stream = "stream"  # a DataLoader with workers (data.StreamLoader)
 
 
+class StrategyName(str, enum.Enum):
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model, gradients are all-reduced
+    fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
+
+
+class CheckpointFormat(str, enum.Enum):
+    auto = "auto"  # dcp under dist.strategy=fsdp, else file
+    file = "file"  # one step-<N>.pt file, written by the main rank
+    dcp = "dcp"  # a step-<N>/ folder every rank writes its shards into (torch.distributed.checkpoint)
+
+
 class WandbMode(str, enum.Enum):
     online = "online"  # falls back to offline, with a warning, when the service cannot be reached
     offline = "offline"  # written under <run>/wandb/; `wandb sync` uploads it later
@@ -139,6 +150,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU, Triton on GPU)
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
     channels_last: bool = False  # images and convolution weights in NHWC memory format (faster on tensor cores)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
     sync_every_n_steps: int = 10  # DDP: ranks agree on a stop signal every N optimizer steps (one tiny all-reduce)
     profile: bool = False  # torch.profiler trace of a few early steps, per rank, in <run>/profile/
     stop_grace_s: float = 20.0  # after SIGTERM/SIGUSR1, exit anyway if no clean stop came by then
@@ -146,9 +158,19 @@ class TrainerConfig:
 
 
 @dataclass
+class FsdpConfig:  # dist.strategy=fsdp
+    shard: Optional[list[str]] = None  # classes of the submodules sharded on their own (None: the model's default:
+    # dtrain's own name theirs, a user's model has the root alone)
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (gather again in backward)
+    meta_init: bool = False  # build on the meta device, materialise only each rank's shards (no rank holds the model)
+
+
+@dataclass
 class DistConfig:
     backend: Backend = Backend.auto
     timeout_s: float = 300.0  # collectives and forming the world
+    strategy: StrategyName = StrategyName.ddp
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     # DistributedDataParallel's options, with PyTorch's defaults
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False
@@ -165,6 +187,8 @@ class CheckpointConfig:
     keep_last: int = 2
     monitor: Monitor = Monitor.auto  # the metric best.pt is chosen by
     allow_config_change: bool = False  # resume although training values changed (noted in config-changes.jsonl)
+    format: CheckpointFormat = CheckpointFormat.auto
+    async_save: bool = False  # dcp: write in the background while training goes on
 
 
 @dataclass

@@ -14,8 +14,10 @@ consolidated into one full state dict in a single process (inference, export).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +26,14 @@ from torch import nn
 
 STATE = "state.pt"
 METADATA = ".metadata"
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns that it assumes one process when no process group exists: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -43,13 +53,15 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def write(folder: Path, tensors: dict[str, Any], process_group=None):
-    """Every rank writes its shards of `tensors` into `folder`; returns a future when `process_group` is
-    given (asynchronous: the caller waits on it before the folder may count), else None once written."""
+def write(folder: Path, tensors: dict[str, Any], process_group=None, asynchronous: bool = False):
+    """Every rank writes its shards of `tensors` into `folder`. Asynchronously (coordinated in
+    `process_group`, off the training group) it returns a future at once, which the caller waits on before
+    the folder may count; else None once written."""
     import torch.distributed.checkpoint as dcp
-    if process_group is not None:
-        return dcp.async_save(tensors, checkpoint_id=str(folder), process_group=process_group)
-    dcp.save(tensors, checkpoint_id=str(folder))
+    with _one_process_is_fine():
+        if asynchronous:
+            return dcp.async_save(tensors, checkpoint_id=str(folder), process_group=process_group)
+        dcp.save(tensors, checkpoint_id=str(folder))
     return None
 
 
@@ -59,12 +71,14 @@ def read_into(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
     if optimizer is None:
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))
+        with _one_process_is_fine():
+            dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
         return
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -74,7 +88,9 @@ def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     metadata = FileSystemReader(str(path)).read_metadata()
     keys = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
-    loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))
+    with _one_process_is_fine(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # a private loader: the one that needs no template
+        loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))
     return {k.removeprefix("model."): v for k, v in _flatten(loaded).items()}
 
 

@@ -84,7 +84,7 @@ def load_model(path: str | Path, device: str = "cpu", model: Optional[nn.Module]
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt: {e}") from e
     try:
-        models.load_weights(net, cfg.model.name, state["model"])
+        models.load_weights(net, cfg.model.name, ckpt.weights(state))
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit model={cfg.model.name} "
                               f"({str(e).splitlines()[0]})") from e

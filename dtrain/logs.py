@@ -118,15 +118,27 @@ def report(summary: dict, paths: dict[str, str]) -> None:
         if values:
             lines.append(f"  {split:<5} " + "  ".join(f"{k} {fmt(v)}" for k, v in values.items()))
     if s.get("best") is not None:
-        lines.append(f"  best  {s['monitor']} {fmt(s['best'])} (checkpoints/best.pt)")
+        lines.append(f"  best  {s['monitor']} {fmt(s['best'])} (checkpoints/{s.get('best_checkpoint', 'best.pt')})")
     speed = f"  speed {s['samples_per_sec']:,.0f} samples/s, {fmt(s['step_time_s'])} s/step"
     if s.get("flops_per_sec"):
         speed += f", {s['flops_per_sec'] / 1e9:,.1f} GFLOP/s"
     if s.get("mfu") is not None:
         speed += f", MFU {s['mfu']:.1%}"
     lines.append(speed)
+    if s.get("state_bytes_per_rank"):
+        held = s["state_bytes_per_rank"]
+        lines.append("  held  " + ", ".join(f"{k} {_bytes(v)}" for k, v in held.items()) + " per rank"
+                     + (f"; peak {_bytes(s['peak_memory_bytes'])} allocated" if s.get("peak_memory_bytes") else ""))
     lines += [f"  {name:<5} {where}" for name, where in paths.items()]
     log.info("summary:\n" + "\n".join(lines))
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def duration(seconds: float) -> str:

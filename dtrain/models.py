@@ -157,19 +157,28 @@ class Spec:
     rank: int | None = None  # the input rank it needs: None = any, 3 = C x H x W images
     # Layer names of dtrain before the tutorial names (nn.Sequential indices): old checkpoints still load.
     legacy: Mapping[str, str] | None = None
+    # Its blocks, by class: what dist.strategy=fsdp shards on its own and activation checkpointing recomputes
+    blocks: tuple[str, ...] = ("Linear",)
 
 
 # dtrain's own models, registered the way a user's are: conf/model/NAME.yaml has `_target_: dtrain.models.NAME`.
 MODELS: dict[str, Spec] = {
     "mlp": Spec("classification", legacy={"1.": "fc1.", "3.": "fc2."}),
     "mlp3": Spec("classification", legacy={"1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
-    "lenet": Spec("classification", 3, {"0.0.": "conv1.", "0.3.": "conv2.", "1.": "fc1.", "3.": "fc2.", "5.": "fc3."}),
+    "lenet": Spec("classification", 3, {"0.0.": "conv1.", "0.3.": "conv2.", "1.": "fc1.", "3.": "fc2.", "5.": "fc3."},
+                  ("Conv2d", "Linear")),
     "convnet": Spec("classification", 3, {"0.0.": "conv1.", "0.1.": "bn1.", "0.4.": "conv2.", "0.5.": "bn2.",
-                                          "1.": "fc1.", "3.": "fc2."}),
-    "resnet18": Spec("classification", 3),
+                                          "1.": "fc1.", "3.": "fc2."}, ("Conv2d", "Linear")),
+    "resnet18": Spec("classification", 3, blocks=("BasicBlock",)),
     "linear": Spec("regression", legacy={"1.": "linear."}),
 }
 BUILTIN = {name: f"dtrain.models.{name}" for name in MODELS}  # name -> _target_, for configs from before _target_
+
+
+def blocks(cfg: ModelConfig) -> tuple[str, ...]:
+    """The classes of a model's blocks: dtrain's own models name theirs; a user's model has none (the root)."""
+    spec = MODELS.get(cfg.name) if cfg.factory == BUILTIN.get(cfg.name) else None
+    return spec.blocks if spec is not None else ()
 
 
 def offers(task: str, shape: tuple[int, ...], out: int) -> dict:
@@ -235,11 +244,15 @@ def load_weights(net: nn.Module, name: str, state: Mapping[str, torch.Tensor]) -
     net.load_state_dict(upgrade(name, state), strict=True)
 
 
-def init_from(net: nn.Module, name: str, path: str) -> None:
-    """Start from the weights in `path`: a plain state_dict (`torch.save(model.state_dict(), PATH)`, the
-    tutorial classes' included) or a dtrain checkpoint, whose model weights are taken."""
+def read_weights(name: str, path: str) -> dict[str, torch.Tensor]:
+    """The weights in `path`: a plain state_dict (`torch.save(model.state_dict(), PATH)`, the tutorial
+    classes' included), a dtrain checkpoint file, or a distributed checkpoint folder (consolidated)."""
+    from dtrain import checkpoint, dcp
+    where = checkpoint.follow_latest(Path(path).expanduser())  # a checkpoints/latest or best pointer: its target
+    if dcp.is_checkpoint(where):
+        return upgrade(name, dcp.full_model_state(where))
     try:
-        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+        state = torch.load(where, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"model.init_from={path!r} does not exist; give the path of a saved state_dict") from None
     except Exception as e:
@@ -249,6 +262,12 @@ def init_from(net: nn.Module, name: str, path: str) -> None:
         state = state["model"]  # a dtrain checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.init_from={path!r} holds a {type(state).__name__}, not a state_dict of tensors")
+    return upgrade(name, state)
+
+
+def init_from(net: nn.Module, name: str, path: str) -> None:
+    """Start from the weights in `path` (see `read_weights`); ConfigError naming the keys that do not fit."""
+    state = read_weights(name, path)
     try:
         load_weights(net, name, state)
     except RuntimeError as e:

@@ -1,5 +1,6 @@
-"""How fast training runs: model FLOPs counted once from one forward pass (for FLOP/s and model FLOP
-utilisation against the GPU's peak; reported by dtrain.callbacks.Throughput), TF32 and memory format."""
+"""How fast and how big training runs: model FLOPs counted once from one forward pass (for FLOP/s and model
+FLOP utilisation against the GPU's peak; reported by dtrain.callbacks.Throughput), TF32, memory format,
+activation checkpointing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import nn
 from dtrain.errors import ConfigError
 
 # The metrics that measure speed, not learning: they differ between two otherwise identical runs.
-TIMINGS = ("epoch_time_s", "wall_time_s", "samples_per_sec", "step_time_s", "flops_per_sec", "mfu")
+TIMINGS = ("epoch_time_s", "wall_time_s", "samples_per_sec", "step_time_s", "flops_per_sec", "mfu",
+           "checkpoint_stall_s")
 
 # Dense peak FLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores, fp32).
 PEAK_FLOPS = {
@@ -77,3 +79,30 @@ def memory_format(channels_last: bool, shape: tuple[int, ...]) -> torch.memory_f
         raise ConfigError(f"trainer.channels_last=true needs image data (C x H x W), not shape {list(shape)}; "
                           "set trainer.channels_last=false")
     return torch.channels_last
+
+
+def checkpoint_activations(model: nn.Module, blocks: tuple[str, ...] | list[str]) -> None:
+    """trainer.activation_checkpointing: each block (a submodule of a class in `blocks`; none: the whole
+    model) keeps only its input in the forward and recomputes its activations in the backward. The
+    composable form leaves parameter names (and so checkpoints) as they were."""
+    from torch.distributed._composable import checkpoint
+    names = set(blocks)
+    targets = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    for module in targets or [model]:
+        checkpoint(module)
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # a sharded parameter: this rank's shard
+    return local.numel() * local.element_size()
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds of the model's parameters, their gradients (one per trainable parameter, in
+    its dtype, whether or not it exists right now) and the optimizer's state."""
+    params = list(model.parameters())
+    held = {"parameters": sum(_local_bytes(p) for p in params),
+            "gradients": sum(_local_bytes(p) for p in params if p.requires_grad),
+            "optimizer": sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values()
+                             if isinstance(v, torch.Tensor))}
+    return {**held, "total": sum(held.values())}

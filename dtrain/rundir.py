@@ -12,7 +12,7 @@ what may be removed after bad input.
     curves.png, confusion.png, samples.png   plots drawn from the three files above (dtrain.plots)
     tensorboard/, wandb/  the optional sinks' own files (logger.tensorboard, logger.wandb)
     profile/              torch.profiler traces, one per rank (trainer.profile=true)
-    checkpoints/          step-*.pt, latest, best.pt (checkpoint.Checkpointer)
+    checkpoints/          step-*.pt or step-*/, latest, best.pt or best (checkpointer.Checkpointer)
     .lock                 held by the main process for the run's lifetime: host, pid, start time
 
 Only the main process writes files, except each rank's own log and profiler trace. dtrain removes only what

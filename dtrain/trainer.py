@@ -79,6 +79,7 @@ class Trainer:
                 if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
                                                  last=self.finished or p.epoch == cfg.trainer.epochs):
                     self.checkpointer.save(self, p.step, val)
+            self.checkpointer.wait()  # a save still being written in the background completes first
         except Preempted as stopped:
             self.checkpointer.save_on_stop(self, p.step, stopped)
             stop.hand_on(stopped.signum)
@@ -171,7 +172,7 @@ class Trainer:
                    **{f"val_{k}": val[k] for k in self.eval_names},
                    "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
                    "samples_per_sec": train["samples"] / max(epoch_time, 1e-9),
-                   "step_time_s": epoch_time / max(steps, 1)}
+                   "step_time_s": epoch_time / max(steps, 1), "checkpoint_stall_s": self.checkpointer.take_stall()}
         self.callbacks.call("on_train_epoch_end", self, metrics)
         self.last_metrics = metrics
         self.logger.epoch(metrics)
@@ -190,6 +191,7 @@ class Trainer:
             test = self.evaluate(self.loaders.test, "test")
             summary.update({f"test_{k}": test[k] for k in names})
         summary.update(monitor=self.checkpointer.monitor, best=self.checkpointer.best, stopped_early=self.should_stop,
+                       best_checkpoint="best" if self.checkpointer.fmt == "dcp" else "best.pt",
                        wall_time_s=wall, samples_per_sec=samples_per_sec, step_time_s=step_time,
                        world_size=self.world.world_size, num_nodes=self.world.num_nodes, device=str(self.world.device),
                        precision=cfg.trainer.precision.value, run_dir=str(self.run))
@@ -204,9 +206,9 @@ class Trainer:
 
     # -- what a checkpoint holds (the Checkpointer decides when and how) ------------------------------
 
-    def state_dict(self) -> dict:
-        return {"model": self.strategy.model_state_dict(self.model),
-                "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
+    def state_dict(self, weights: bool = True) -> dict:
+        """Every rank calls it (a sharded model gathers); `weights=False`: all but the model and optimizer."""
+        return {**(self.strategy.state(self.model, self.optimizer) if weights else {}),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 **dataclasses.asdict(self.progress), "model_name": self.cfg.model.name, "config": as_dict(self.cfg),
                 "metrics": self.last_metrics, "logger": self.logger.state_dict(), "data": self.splits.describe(),
@@ -216,13 +218,11 @@ class Trainer:
         return {"epoch_sums": self.epoch_sums.value()}
 
     def load_state_dict(self, state: dict) -> None:
-        from dtrain import models
         try:
-            self.strategy.load_model_state_dict(self.model, models.upgrade(self.cfg.model.name, state["model"]))
-        except RuntimeError as e:
+            self.strategy.load(self.model, self.optimizer, state, self.cfg.model.name)
+        except (RuntimeError, KeyError) as e:
             raise ValueError(f"does not fit this model/data ({str(e).splitlines()[0]}); "
                              "resume=none starts fresh") from e
-        self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         p = self.progress  # updated in place: the loop holds a reference to it

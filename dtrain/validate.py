@@ -188,14 +188,47 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]], given: frozenset
         if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
             fail(key, v, allowed)
     _check_values(cfg)
+    _check_strategy(cfg)
     _check_endpoint(cfg.launcher.rdzv_endpoint)
+
+
+# DDP's own options: under fsdp a changed one is refused, never ignored (value: DDP's default)
+DDP_ONLY = {"model.sync_batchnorm": False, "dist.find_unused_parameters": False, "dist.static_graph": False,
+            "dist.gradient_as_bucket_view": False, "dist.bucket_cap_mb": 25.0, "dist.broadcast_buffers": True}
+
+
+def _check_strategy(cfg: Config) -> None:
+    """What dist.strategy=fsdp and distributed checkpoints cannot do, refused in one line each."""
+    fsdp = cfg.dist.strategy.value == "fsdp"
+    if fsdp:
+        for key, default in DDP_ONLY.items():
+            if _get(cfg, key) != default:
+                fail(key, _get(cfg, key), "an option of DistributedDataParallel; with dist.strategy=fsdp leave it "
+                     "at its default")
+        if cfg.trainer.compile:
+            fail("trainer.compile", True, "not with dist.strategy=fsdp here (compile the blocks yourself, or "
+                 "use dist.strategy=ddp)")
+        if cfg.trainer.precision == Precision.fp16:
+            fail("trainer.precision", "fp16", "dist.strategy=fsdp trains in fp32 or bf16 (bf16 parameters, fp32 "
+                 "gradient reduction); fp16 would need a sharded gradient scaler")
+    elif cfg.dist.fsdp.meta_init:
+        fail("dist.fsdp.meta_init", True, "needs dist.strategy=fsdp")
+    if cfg.checkpoint.async_save and checkpoint_format(cfg) != "dcp":
+        fail("checkpoint.async_save", True, "needs distributed checkpoints: checkpoint.format=dcp (the default "
+             "under dist.strategy=fsdp)")
+
+
+def checkpoint_format(cfg: Config) -> str:
+    """file or dcp: checkpoint.format, where auto is dcp under dist.strategy=fsdp."""
+    fmt = cfg.checkpoint.format.value
+    return fmt if fmt != "auto" else ("dcp" if cfg.dist.strategy.value == "fsdp" else "file")
 
 
 def _check_values(cfg: Config) -> None:
     """The values whose rule is their own."""
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
         fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")
-    if cfg.model.init_from is not None and not Path(cfg.model.init_from).expanduser().is_file():
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).expanduser().exists():
         fail("model.init_from", cfg.model.init_from, "no such file; give the path of a saved state_dict")
     lo_hi = cfg.data.scale_range
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:

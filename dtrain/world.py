@@ -293,6 +293,11 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
+def new_group(backend: str):
+    """A further process group of every rank (each rank must call this at the same point)."""
+    return dist.new_group(backend=backend) if dist.is_initialized() else None
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -117,8 +117,8 @@ def install() -> None:
             checkpoint._atomic_write = dying_write
 
         if action in ("crashstop", "slowstop"):  # a rank that crashes, or takes its time, saving on a stop signal
-            from dtrain import checkpoint
-            original_stop = checkpoint.Checkpointer.save_on_stop
+            from dtrain import checkpointer
+            original_stop = checkpointer.Checkpointer.save_on_stop
 
             def faulty_stop(self, *args, **kwargs):
                 if self.world.rank == int(rank):
@@ -127,7 +127,7 @@ def install() -> None:
                     time.sleep(30)
                 return original_stop(self, *args, **kwargs)
 
-            checkpoint.Checkpointer.save_on_stop = faulty_stop
+            checkpointer.Checkpointer.save_on_stop = faulty_stop
 
     if os.environ.get("DTRAIN_FAULT_COUNT_ALLREDUCE"):
         original_init = trainer.Trainer.__init__

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dtrain import world as w
-from dtrain.strategy.base import Strategy
+from dtrain.strategy.base import Strategy, by_name
 
 
 class FSDP(Strategy):
@@ -68,7 +68,7 @@ class FSDP(Strategy):
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state,
+        set_optimizer_state_dict(model, optimizer, by_name(model, optimizer, state),
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 

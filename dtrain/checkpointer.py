@@ -1,0 +1,206 @@
+"""The checkpoint protocol across ranks: when to save, how every rank takes part (the main rank writes a
+file; with checkpoint.format=dcp every rank writes its own shards, synchronously or in the background),
+failing together, what to resume from, and per-rank state when the world size changed. The files
+themselves are dtrain/checkpoint.py's contract."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from dtrain import dcp, signals
+from dtrain import world as w
+from dtrain.checkpoint import (config_changes, find_resumable, follow_latest, load, publish, rng_state, save,
+                               seed_everything, set_rng_state)
+from dtrain.config import CheckpointConfig
+from dtrain.errors import CheckpointError, Preempted
+from dtrain.logs import log
+
+
+class Checkpointable(Protocol):
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def state_dict(self, weights: bool = True) -> dict: ...  # every rank: model, optimizer (full), progress, ...
+    def rank_state(self) -> dict[str, torch.Tensor]: ...  # this rank's own additive sums
+    def load_state_dict(self, state: dict) -> None: ...  # state["rank"] holds this rank's sums
+
+
+@dataclass
+class _Pending:
+    """A distributed checkpoint being written: every rank's shards go to `written`, then it is published."""
+    future: Any  # the asynchronous write's future, or None once written
+    written: Path
+    state: dict
+    step: int
+    is_best: bool
+
+
+class Checkpointer:
+    """When to save, how every rank takes part, and what to resume from, for one run folder."""
+
+    def __init__(self, folder: Path, cfg: CheckpointConfig, world: w.World, enabled: bool, monitor: str,
+                 higher_is_better: bool, seed: int, config: dict, record_change: Callable[[str], None],
+                 fmt: str = "file"):
+        self.folder, self.cfg, self.world, self.enabled = folder, cfg, world, enabled and cfg.enabled
+        self.monitor, self.higher_is_better, self.seed = monitor, higher_is_better, seed
+        self.config, self.record_change = config, record_change  # this run's config; where changes are noted
+        self.best: Optional[float] = None  # the monitored value of best.pt
+        self.fmt, self.pending = fmt, None
+        self.stall_s = 0.0  # how long the loop waited on saves since `take_stall`
+        # An asynchronous save coordinates its ranks in its own gloo group, off the training group's collectives.
+        self.group = w.new_group("gloo") if cfg.async_save and world.distributed and self.enabled else None
+
+    def should_save(self, step: int, epoch: int, *, epoch_end: bool, last: bool = False) -> bool:
+        """At the end of training, every `every_n_epochs` epochs, every `every_n_steps` steps. At an epoch's
+        end both cadences count, so a step that ends an epoch is saved once, with its validation."""
+        by_step = bool(self.cfg.every_n_steps) and step % self.cfg.every_n_steps == 0
+        by_epoch = epoch_end and bool(self.cfg.every_n_epochs) and epoch % self.cfg.every_n_epochs == 0
+        return self.enabled and (last or by_step or by_epoch)
+
+    def save(self, trainer: Checkpointable, step: int, val: Optional[dict] = None, wait: bool = False) -> None:
+        """All ranks call this: gather every rank's RNG and sums, write (the main rank a file; every rank its
+        shards of a distributed checkpoint), fail together. `val` (the epoch's validation metrics, or None
+        mid-epoch) decides whether this becomes the best. An asynchronous save returns once its shards are
+        staged; the next save, or `wait`, publishes it."""
+        start = time.perf_counter()
+        self.wait()  # the previous asynchronous save completes first
+        ranks = w.gather_objects({"rng": rng_state(), **{k: v.cpu() for k, v in trainer.rank_state().items()}})
+        is_best = False
+        if val is not None:
+            value = val[self.monitor.removeprefix("val_")]
+            is_best = self.best is None or (value > self.best if self.higher_is_better else value < self.best)
+            self.best = value if is_best else self.best
+        extra = {"best": self.best, "ranks": ranks, "world_size": self.world.world_size}
+        if self.fmt == "dcp":
+            self._stage(trainer, step, extra, is_best)
+            if wait or self.pending.future is None:
+                self.wait()
+        else:
+            state = {**trainer.state_dict(), **extra}  # on every rank: a sharded model gathers here
+            self._on_main(lambda: save(self.folder, state, step, self.cfg.keep_last, is_best), is_best)
+        self.stall_s += time.perf_counter() - start
+
+    def _stage(self, trainer: Checkpointable, step: int, extra: dict, is_best: bool) -> None:
+        """Every rank writes its shards of a distributed checkpoint to a temporary folder."""
+        written = dcp.temporary(self.folder / f"step-{step:08d}")
+        self._on_main(lambda: (self.folder.mkdir(parents=True, exist_ok=True), dcp.remove(written)))
+        try:
+            future = dcp.write(written, dcp.sharded_state(trainer.model, trainer.optimizer), self.group,
+                               asynchronous=self.cfg.async_save)
+        except OSError as e:
+            raise CheckpointError(f"could not write a checkpoint in {self.folder}: {e.strerror or e}; the "
+                                  "checkpoints already there are untouched") from e
+        self.pending = _Pending(future, written, {**trainer.state_dict(weights=False), **extra}, step, is_best)
+
+    def wait(self) -> None:
+        """Publish the pending distributed checkpoint once every rank's shards are written (before the
+        next save, at the end, and before a process stops)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()
+        w.barrier()
+        self._on_main(lambda: publish(self.folder, pending.written, pending.state, pending.step,
+                                      self.cfg.keep_last, pending.is_best), pending.is_best)
+
+    def _on_main(self, write: Callable[[], Any], is_best: Optional[bool] = None) -> None:
+        """`write` on the main rank; every rank learns whether it failed, and fails with it."""
+        error = None
+        if self.world.is_main:
+            try:
+                path = write()
+                if is_best is not None:
+                    log.info(f"checkpoint: {path}" + (" (best)" if is_best else ""))
+            except (CheckpointError, OSError) as e:
+                error = str(e)
+        error = w.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+
+    def take_stall(self) -> float:
+        """Seconds the loop waited on saves since the last call."""
+        stall, self.stall_s = self.stall_s, 0.0
+        return stall
+
+    def save_on_stop(self, trainer: Checkpointable, step: int, stop: Preempted) -> None:
+        """Every rank got here after the same step of a stop signal: checkpoint it (if checkpointing is on)
+        and say, once, how to go on."""
+        why = f"stopped by {signals.name(stop.signum)} after step {step}"
+        if not self.enabled:
+            stop.code = 128 + stop.signum  # nothing saved, so no "requeue me"
+            log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
+                     "was saved and a rerun starts over")
+            return
+        self.save(trainer, step, wait=True)
+        log.info(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
+                 f"resume=last (the newest run of this config) or hydra.run.dir={self.folder.parent}")
+
+    def resume(self, trainer: Checkpointable, resume: str) -> Optional[dict]:
+        """Load `resume` (auto: the newest good checkpoint here, if any; none; a path) into `trainer`
+        on every rank. Returns the checkpoint's state, or None when starting fresh."""
+        if resume == "none" or resume in ("auto", "last") and not self.enabled:
+            return None
+        if resume in ("auto", "last"):  # for last, the run folder already is the newest run's (rundir.folder_id)
+            # The main rank picks the newest good checkpoint, so all ranks load the same one.
+            found = find_resumable(self.folder) if self.world.is_main else None
+            path = w.broadcast_object(str(found[0]) if found else None)
+            if path is None:
+                return None
+        else:
+            path = str(follow_latest(Path(resume)))
+        state = load(Path(path), map_location=self.world.device)
+        if state["model_name"] != self.config["model"]["name"]:
+            raise CheckpointError(f"checkpoint {path} holds model={state['model_name']} but the config asks for "
+                                  f"model={self.config['model']['name']}; pass the matching model= or "
+                                  "resume=none to start fresh")
+        try:
+            state["rank"] = self._this_ranks_share(state)
+            trainer.load_state_dict(state)
+        except Exception as e:  # a file that loads but does not fit: the clear error, never a traceback
+            raise CheckpointError(f"checkpoint {path} {(str(e).splitlines() or [''])[0]}") from e
+        self._check_config(state["config"], path)
+        self.best = state.get("best")
+        where = f"in epoch {state['epoch'] + 1}" if state["samples_in_epoch"] else f"after epoch {state['epoch']}"
+        log.info(f"resumed from {path}: step {state['step']}, {where}")
+        return state
+
+    def _check_config(self, saved: dict, path: str) -> None:
+        """Resuming with other training values would mix two runs under one record: refuse, naming the
+        keys, unless checkpoint.allow_config_change=true, which notes what changed and when."""
+        changes = config_changes(saved, self.config)
+        if not changes:
+            return
+        listed = ", ".join(f"{k}={a!r} -> {b!r}" for k, (a, b) in changes.items())
+        if not self.cfg.allow_config_change:
+            refused = CheckpointError(f"checkpoint {path} was trained with other values: {listed}; rerun with the "
+                                      "original values, resume=none to start fresh, or checkpoint."
+                                      "allow_config_change=true to continue with the new ones (noted in "
+                                      "config-changes.jsonl)")
+            refused.same_on_every_rank = True  # every rank compares the same two configs: say it once
+            raise refused
+        log.info(f"resuming {path} with changed values: {listed} (noted in config-changes.jsonl)")
+        self.record_change(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(path),
+                                       "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+
+    def _this_ranks_share(self, state: dict) -> dict:
+        """The same world size continues each rank's RNG and sums exactly. Another world size cannot:
+        random streams restart from the seed (a warning says so) and the sums, being additive, go to
+        the main rank. The data position itself re-shards on any world size (data.TrainSampler)."""
+        ranks = state["ranks"]
+        if state["world_size"] == self.world.world_size:
+            share = dict(ranks[self.world.rank])
+            set_rng_state(share.pop("rng"))
+            return share
+        log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
+                    "ranks: data continues from the saved position, random streams are re-seeded")
+        seed_everything(self.seed + self.world.rank + state["step"])
+        keys = [k for k in ranks[0] if k != "rng"]
+        return {k: sum(r[k] for r in ranks) * (1 if self.world.is_main else 0) for k in keys}
