@@ -147,14 +147,17 @@ class Throughput(Callback):
 
 class Memory(Callback):
     """What one rank holds, in summary.json and the report: `state_bytes_per_rank` (its parameters,
-    gradients and optimizer state: the largest rank's, so a sharded model shows its shard) and, on CUDA,
-    `peak_memory_bytes` (the largest rank's peak allocation)."""
+    gradients and optimizer state: the largest rank's, so a sharded model shows its shard), the largest
+    process's peak resident memory (`peak_rss_bytes`) and, on CUDA, `peak_memory_bytes` (its peak allocation)."""
 
     def on_fit_end(self, trainer, summary: dict) -> None:
         from dtrain import perf
         from dtrain import world as w
         held = perf.state_bytes(trainer.model, trainer.optimizer)
         summary["state_bytes_per_rank"] = {k: w.max_over_ranks(v, trainer.world.device) for k, v in held.items()}
+        import resource  # Linux reports the peak resident set in KiB
+        summary["peak_rss_bytes"] = w.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                                     trainer.world.device)
         if trainer.world.device.type == "cuda":
             summary["peak_memory_bytes"] = w.max_over_ranks(torch.cuda.max_memory_allocated(trainer.world.device),
                                                             trainer.world.device)
