@@ -6,6 +6,7 @@ themselves are dtrain/checkpoint.py's contract."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ class _Pending:
     state: dict
     step: int
     is_best: bool
+    publisher: Optional[threading.Thread] = None  # an asynchronous save publishes in the background
+    error: Optional[str] = None
 
 
 class Checkpointer:
@@ -98,18 +101,38 @@ class Checkpointer:
             raise CheckpointError(f"could not write a checkpoint in {self.folder}: {e.strerror or e}; the "
                                   "checkpoints already there are untouched") from e
         self.pending = _Pending(future, written, {**trainer.state_dict(weights=False), **extra}, step, is_best)
+        if future is not None:  # once every rank's shards are written, the main rank publishes, off the loop
+            self.pending.publisher = threading.Thread(target=self._publish, args=(self.pending,), daemon=True,
+                                                      name="dtrain-checkpoint")
+            self.pending.publisher.start()
+
+    def _publish(self, pending: _Pending) -> None:
+        """Wait for this rank's shards, then for every rank's (in the save's own group), then publish."""
+        try:
+            if pending.future is not None:
+                pending.future.result()
+            w.barrier(self.group)
+            if self.world.is_main:
+                path = publish(self.folder, pending.written, pending.state, pending.step, self.cfg.keep_last,
+                               pending.is_best)
+                log.info(f"checkpoint: {path}" + (" (best)" if pending.is_best else ""))
+        except Exception as e:  # reported to every rank by `wait`
+            pending.error = str(e).splitlines()[0] if str(e) else type(e).__name__
 
     def wait(self) -> None:
-        """Publish the pending distributed checkpoint once every rank's shards are written (before the
-        next save, at the end, and before a process stops)."""
+        """The pending distributed checkpoint published (before the next save, at the end, and before a
+        process stops); every rank fails together if any rank's part failed."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
-        if pending.future is not None:
-            pending.future.result()
-        w.barrier()
-        self._on_main(lambda: publish(self.folder, pending.written, pending.state, pending.step,
-                                      self.cfg.keep_last, pending.is_best), pending.is_best)
+        if pending.publisher is None:
+            self._publish(pending)
+        else:
+            pending.publisher.join()
+        errors = [e for e in w.gather_objects(pending.error) if e]
+        if errors:
+            raise CheckpointError(f"could not write the checkpoint of step {pending.step} in {self.folder}: "
+                                  f"{errors[0]}; the checkpoints already there are untouched")
 
     def _on_main(self, write: Callable[[], Any], is_best: Optional[bool] = None) -> None:
         """`write` on the main rank; every rank learns whether it failed, and fails with it."""

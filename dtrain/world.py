@@ -298,9 +298,9 @@ def new_group(backend: str):
     return dist.new_group(backend=backend) if dist.is_initialized() else None
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 @contextlib.contextmanager
