@@ -59,6 +59,7 @@ class Checkpointer:
         self.stall_s = 0.0  # how long the loop waited on saves since `take_stall`
         # An asynchronous save coordinates its ranks in its own gloo group, off the training group's collectives.
         self.group = w.new_group("gloo") if cfg.async_save and world.distributed and self.enabled else None
+        self.stager = dcp.stager() if cfg.async_save and self.enabled else None
 
     def should_save(self, step: int, epoch: int, *, epoch_end: bool, last: bool = False) -> bool:
         """At the end of training, every `every_n_epochs` epochs, every `every_n_steps` steps. At an epoch's
@@ -95,16 +96,27 @@ class Checkpointer:
         written = dcp.temporary(self.folder / f"step-{step:08d}")
         self._on_main(lambda: (self.folder.mkdir(parents=True, exist_ok=True), dcp.remove(written)))
         try:
-            future = dcp.write(written, dcp.sharded_state(trainer.model, trainer.optimizer), self.group,
-                               asynchronous=self.cfg.async_save)
+            futures = dcp.write(written, dcp.sharded_state(trainer.model, trainer.optimizer), self.group, self.stager)
         except OSError as e:
             raise CheckpointError(f"could not write a checkpoint in {self.folder}: {e.strerror or e}; the "
                                   "checkpoints already there are untouched") from e
+        staged, future = futures or (None, None)
         self.pending = _Pending(future, written, {**trainer.state_dict(weights=False), **extra}, step, is_best)
-        if future is not None:  # once every rank's shards are written, the main rank publishes, off the loop
-            self.pending.publisher = threading.Thread(target=self._publish, args=(self.pending,), daemon=True,
-                                                      name="dtrain-checkpoint")
-            self.pending.publisher.start()
+        if future is None:
+            return
+        # The copy goes on while the next step's forward and backward run; its update waits for it.
+        hook: list = []
+        hook.append(trainer.optimizer.register_step_pre_hook(lambda *_: self._until(staged, hook[0])))
+        self.pending.publisher = threading.Thread(target=self._publish, args=(self.pending,), daemon=True,
+                                                  name="dtrain-checkpoint")  # the main rank publishes, off the loop
+        self.pending.publisher.start()
+
+    def _until(self, staged, hook) -> None:
+        """Before the optimizer changes what is being copied: the copy done (the wait counts as a stall)."""
+        start = time.perf_counter()
+        staged.result()
+        hook.remove()
+        self.stall_s += time.perf_counter() - start
 
     def _publish(self, pending: _Pending) -> None:
         """Wait for this rank's shards, then for every rank's (in the save's own group), then publish."""
@@ -128,7 +140,7 @@ class Checkpointer:
         if pending.publisher is None:
             self._publish(pending)
         else:
-            pending.publisher.join()
+            pending.publisher.join()  # the copy is done too: it comes before the write
         errors = [e for e in w.gather_objects(pending.error) if e]
         if errors:
             raise CheckpointError(f"could not write the checkpoint of step {pending.step} in {self.folder}: "

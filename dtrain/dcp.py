@@ -53,16 +53,26 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def write(folder: Path, tensors: dict[str, Any], process_group=None, asynchronous: bool = False):
-    """Every rank writes its shards of `tensors` into `folder`. Asynchronously (coordinated in
-    `process_group`, off the training group) it returns a future at once, which the caller waits on before
-    the folder may count; else None once written."""
+def write(folder: Path, tensors: dict[str, Any], process_group=None, stager=None):
+    """Every rank writes its shards of `tensors` into `folder`. With a `stager` (asynchronous; coordinated in
+    `process_group`, off the training group) it returns at once two futures: the tensors copied (the
+    training must not change them before) and written (the folder may count after); else None once written."""
     import torch.distributed.checkpoint as dcp
     with _one_process_is_fine():
-        if asynchronous:
-            return dcp.async_save(tensors, checkpoint_id=str(folder), process_group=process_group)
+        if stager is not None:
+            response = dcp.async_save(tensors, checkpoint_id=str(folder), process_group=process_group,
+                                      async_stager=stager)
+            return response.staging_completion, response.upload_completion
         dcp.save(tensors, checkpoint_id=str(folder))
     return None
+
+
+def stager():
+    """What copies the tensors of an asynchronous save, itself in the background (into plain memory on the
+    CPU), so the loop goes on while the copy is made."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    return DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=True,
+                                        use_non_blocking_copy=False))
 
 
 def read_into(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
