@@ -106,3 +106,22 @@ def test_named_entries_can_be_removed_by_name_and_a_list_is_named_by_its_targets
     assert list(cfg.callbacks) == ["b"] and cfg.callbacks["b"] == plugins.Target("builtins.object", {})
     from dtrain.validate import named_targets
     assert list(named_targets("metrics", [{"_target_": "torchmetrics.Accuracy", "task": "binary"}])) == ["accuracy"]
+
+
+def test_a_checkpoint_of_a_model_whose_package_is_gone_says_so_in_one_line(tmp_path, quiet_logs):
+    from dtrain import api
+    from dtrain.errors import CheckpointError
+    trainer = make_trainer(tmp_path, "trainer.max_steps=2", "logger=none")
+    trainer.fit()
+    trainer.close()
+    state = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["model"]["_target_"] = "gone.models.Net"  # as on a machine without the user's package
+    torch.save(state, tmp_path / "moved.pt")
+    with pytest.raises(CheckpointError) as err:
+        api.load_model(tmp_path / "moved.pt")
+    assert str(err.value) == (f"checkpoint {tmp_path / 'moved.pt'}: its model cannot be rebuilt: model._target_="
+                              "gone.models.Net: cannot import 'gone' (No module named 'gone'); install the package "
+                              "that defines it, or put its folder on PYTHONPATH")
+    proc = subprocess.run([sys.executable, "-m", "dtrain.predict", f"ckpt={tmp_path / 'moved.pt'}",
+                           f"input={tmp_path / 'x.npy'}"], env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot import 'gone'" in proc.stderr
