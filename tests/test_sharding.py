@@ -83,8 +83,8 @@ def test_a_distributed_checkpoint_resumes_on_another_strategy_and_world_size(tmp
 @pytest.mark.parametrize("ranks", [3, 4])
 def test_a_distributed_checkpoint_of_two_ranks_resumes_on_three_or_four(tmp_path, ranks):
     # A global batch of 48 splits over 2, 3 and 4 ranks alike.
-    common = (*SMALL, "data.batch_size=48", "data.eval_batch_size=96", "checkpoint.format=dcp", "checkpoint.every_n_steps=10",
-              "dist.strategy=fsdp")
+    common = (*SMALL, "data.batch_size=48", "data.eval_batch_size=96", "checkpoint.format=dcp",
+              "checkpoint.every_n_steps=10", "dist.strategy=fsdp")
     reference = run_cli(tmp_path / "ref", *common, nproc=2, timeout=300)
     first = run_cli(tmp_path / "run", *common, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "raise:1:25"},
                     timeout=300)
