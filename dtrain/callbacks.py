@@ -13,7 +13,8 @@ A callback is a plain object with any of these methods, named as Lightning names
 and, to have state saved in every checkpoint and restored on resume, `state_dict()` / `load_state_dict()`.
 Hooks run on every rank, in list order; what a hook reads from `trainer` (progress, model, optimizer,
 world, run, last_metrics, should_stop) is the same on every rank, so a callback that writes files should
-write on the main rank only (`if trainer.world.is_main:`). Setting `trainer.should_stop = True` in any
+write on the main rank only (`if trainer.world.is_main:`); one that runs the model must run it on every
+rank (under dist.strategy=fsdp a forward is a collective). Setting `trainer.should_stop = True` in any
 hook stops training after the current epoch on every rank (the ranks agree once per epoch).
 Early stopping, the profiler, the plots and throughput/MFU reporting are callbacks of this kind.
 """
@@ -153,14 +154,16 @@ class Memory(Callback):
     def on_fit_end(self, trainer, summary: dict) -> None:
         from dtrain import perf
         from dtrain import world as w
-        held = perf.state_bytes(trainer.model, trainer.optimizer)
-        summary["state_bytes_per_rank"] = {k: w.max_over_ranks(v, trainer.world.device) for k, v in held.items()}
         import resource  # Linux reports the peak resident set in KiB
-        summary["peak_rss_bytes"] = w.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                                     trainer.world.device)
-        if trainer.world.device.type == "cuda":
-            summary["peak_memory_bytes"] = w.max_over_ranks(torch.cuda.max_memory_allocated(trainer.world.device),
-                                                            trainer.world.device)
+        held = perf.state_bytes(trainer.model, trainer.optimizer)
+        cuda = trainer.world.device.type == "cuda"
+        peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                 torch.cuda.max_memory_allocated(trainer.world.device) if cuda else 0]
+        largest = w.max_each_over_ranks([*held.values(), *peaks], trainer.world.device)  # one collective
+        summary["state_bytes_per_rank"] = dict(zip(held, largest))
+        summary["peak_rss_bytes"] = largest[len(held)]
+        if cuda:
+            summary["peak_memory_bytes"] = largest[-1]
 
 
 class Profiler(Callback):

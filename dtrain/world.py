@@ -317,8 +317,13 @@ def main_first(world: World) -> Iterator[None]:
 
 def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest of every rank's `value`, on every rank (which stop signal arrived anywhere, say)."""
+    return max_each_over_ranks([value], device)[0]
+
+
+def max_each_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """Element by element, the largest of every rank's `values`, on every rank, in one collective."""
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]

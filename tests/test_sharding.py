@@ -46,7 +46,7 @@ def test_sharding_options_that_need_fsdp_or_dcp_are_refused_without_them():
     make_config("checkpoint.async_save=true", "checkpoint.format=dcp")  # DCP under DDP is allowed
 
 
-@pytest.mark.parametrize("workload", [SMALL, CONV], ids=["mlp", "conv"])
+@pytest.mark.parametrize("workload", [SMALL, pytest.param(CONV, marks=pytest.mark.slow)], ids=["mlp", "conv"])
 def test_fsdp_trains_the_weights_ddp_trains_and_holds_half_the_state_per_rank(tmp_path, workload):
     common = (*workload, "trainer.accumulate_grad_batches=2", "trainer.grad_clip=0.5", "checkpoint.format=file")
     ddp = run_cli(tmp_path / "ddp", *common, nproc=2, timeout=300)
@@ -94,6 +94,7 @@ def test_a_distributed_checkpoint_of_two_ranks_resumes_on_three_or_four(tmp_path
     assert_same_weights(weights(reference.dir), weights(run.dir))
 
 
+@pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_an_asynchronous_save_trains_the_same_records_its_stall_and_completes_before_the_end(tmp_path):
     common = (*SMALL, "dist.strategy=fsdp", "checkpoint.every_n_steps=5", "checkpoint.keep_last=3")
     sync = run_cli(tmp_path / "sync", *common, nproc=2, timeout=300)
@@ -126,6 +127,7 @@ def test_a_sharded_checkpoint_is_used_like_a_file_evaluate_predict_export_and_in
     assert again.code == 0, again
 
 
+@pytest.mark.slow
 def test_a_partial_or_damaged_distributed_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
     common = (*SMALL, "dist.strategy=fsdp", "checkpoint.every_n_steps=10", "checkpoint.keep_last=3")
     first = run_cli(tmp_path / "run", *common, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "raise:1:35"},
