@@ -40,7 +40,9 @@ def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config
     """A composed DictConfig as the typed, validated Config, checked against the registries' names.
     `given`: the parts dtrain.fit passes as objects."""
     choices = {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES}
-    return validate.to_config(dcfg, choices, {"model": models.BUILTIN, "data": data.BUILTIN}, given)
+    cfg = validate.to_config(dcfg, choices, {"model": models.BUILTIN, "data": data.BUILTIN}, given)
+    optim.check(cfg.optim, sharded=cfg.dist.strategy.value == "fsdp")
+    return cfg
 
 
 def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) -> int:

@@ -44,6 +44,13 @@ class CheckpointFormat(str, enum.Enum):
     dcp = "dcp"  # a step-<N>/ folder every rank writes its shards into (torch.distributed.checkpoint)
 
 
+class OptimImpl(str, enum.Enum):
+    auto = "auto"  # fused where PyTorch has the kernel for the optimizer, device and strategy, else foreach
+    fused = "fused"  # one kernel updates every parameter
+    foreach = "foreach"  # one op per step over the list of parameters
+    loop = "loop"  # one op per parameter (PyTorch's reference implementation)
+
+
 class WandbMode(str, enum.Enum):
     online = "online"  # falls back to offline, with a warning, when the service cannot be reached
     offline = "offline"  # written under <run>/wandb/; `wandb sync` uploads it later
@@ -117,6 +124,7 @@ class OptimConfig:
     eps: float = 1e-8
     alpha: float = 0.99  # rmsprop
     lr_decay: float = 0.0  # adagrad
+    implementation: OptimImpl = OptimImpl.auto  # the summary's optimizer_implementation says which ran
     l1: float = 0.0  # L1 penalty: l1 * sum(|w|) over all parameters added to the loss (reported as l1_penalty)
 
 

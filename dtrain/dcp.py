@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from dtrain import optim
+
 STATE = "state.pt"
 METADATA = ".metadata"
 
@@ -89,7 +91,8 @@ def read_into(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     state = {"model": model_sd, "optimizer": optim_sd}
     with _one_process_is_fine():
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=optim.own_implementation(optimizer, state["optimizer"]))
 
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:

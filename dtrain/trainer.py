@@ -194,7 +194,8 @@ class Trainer:
                        best_checkpoint="best" if self.checkpointer.fmt == "dcp" else "best.pt",
                        wall_time_s=wall, samples_per_sec=samples_per_sec, step_time_s=step_time,
                        world_size=self.world.world_size, num_nodes=self.world.num_nodes, device=str(self.world.device),
-                       precision=cfg.trainer.precision.value, run_dir=str(self.run))
+                       precision=cfg.trainer.precision.value,
+                       optimizer_implementation=optim.implementation_of(self.optimizer), run_dir=str(self.run))
         self.callbacks.call("on_fit_end", self, summary)
         self.run.write_summary(summary)
         self.logger.summary(summary)

@@ -35,6 +35,7 @@ def test_mlp_on_the_bundled_mnist_sample_reaches_94_percent(tmp_path, quiet_logs
     t = make_trainer(tmp_path, *FAST)
     summary = t.fit()
     assert summary["val_acc"] >= 0.94 and summary["epochs"] == 5
+    assert summary["optimizer_implementation"] == "fused"  # Adam on a CPU: PyTorch has the kernel
 
 
 def test_linear_regression_recovers_the_known_coefficients(tmp_path, quiet_logs):
@@ -119,6 +120,21 @@ def lrs(*overrides, total=100, per_epoch=10):
     return out
 
 
+def test_no_schedule_keeps_the_lr_and_counts_steps_as_lambdalr_does():
+    assert lrs("optim.lr=0.5", "sched=none", total=20) == [0.5] * 20
+    cfg = make_config("sched=none")
+    opt = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
+    constant, general = (optim.build_scheduler(opt, cfg.sched, 0.5, 20, 10),
+                         torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    for _ in range(7):
+        opt.step()
+        constant.step()
+        general.step()
+    assert isinstance(constant, optim.Constant)
+    assert {k: v for k, v in constant.state_dict().items() if k != "lr_lambdas"} == \
+        {k: v for k, v in general.state_dict().items() if k != "lr_lambdas"}  # checkpoints load either way
+
+
 def test_linear_warmup_rises_to_the_base_lr():
     lr = lrs("optim.lr=1.0", "sched=cosine", "sched.warmup_steps=10", "sched.warmup_start_factor=0.1")
     assert lr[0] == pytest.approx(0.1) and lr[5] == pytest.approx(0.55) and lr[10] == pytest.approx(1.0)
@@ -197,9 +213,69 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path, quiet_logs):
 
 
 def test_nesterov_without_momentum_is_a_config_error():
-    cfg = make_config("optim=sgd", "optim.nesterov=true", "optim.momentum=0").optim
     with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
-        optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+        make_config("optim=sgd", "optim.nesterov=true", "optim.momentum=0")
+
+
+# -- the optimizer's implementation: the fastest PyTorch has, the same numbers whichever runs --------------
+
+@pytest.mark.parametrize("name,single,sharded", [
+    ("adam", "fused", "fused"), ("adamw", "fused", "fused"), ("sgd", "fused", "foreach"),
+    ("adagrad", "fused", "foreach"), ("rmsprop", "foreach", "foreach"),
+])
+def test_auto_picks_the_fused_kernel_wherever_pytorch_has_one(name, single, sharded):
+    cfg = make_config(f"optim={name}").optim
+    assert optim.implementation(cfg, "cpu", sharded=False) == single
+    assert optim.implementation(cfg, "cpu", sharded=True) == sharded  # FSDP2's DTensors: adam/adamw only
+    built = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, "cpu")
+    assert optim.implementation_of(built) == single
+
+
+@pytest.mark.parametrize("overrides,where", [
+    (("optim=rmsprop", "optim.implementation=fused"), "no fused rmsprop for any device"),
+    (("optim=sgd", "optim.implementation=fused", "dist.strategy=fsdp"),
+     "no fused sgd for dist.strategy=fsdp's sharded parameters"),
+])
+def test_a_fused_kernel_pytorch_lacks_is_refused_at_the_edge(overrides, where):
+    with pytest.raises(ConfigError, match=f"optim.implementation=fused: PyTorch has {where}; use "):
+        make_config(*overrides)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad", "rmsprop"])
+def test_every_implementation_reaches_the_same_weights(name):
+    def train(impl: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = optim.build_optimizer(net.parameters(), make_config(f"optim={name}", "optim.lr=0.01",
+                                                                  "optim.weight_decay=0.01",
+                                                                  f"optim.implementation={impl}").optim)
+        assert optim.implementation_of(opt) == impl
+        data = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            x, y = torch.randn(16, 8, generator=data), torch.randint(0, 3, (16,), generator=data)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in net.parameters()]
+
+    impls = ["loop", "foreach"] + (["fused"] if optim.OPTIMIZERS[name].fused else [])
+    reference = train("loop")
+    torch.manual_seed(0)
+    assert not torch.allclose(reference[0], torch.nn.Linear(8, 16).weight)  # it trained
+    for impl in impls[1:]:
+        for a, b in zip(train(impl), reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_never_overrides_the_configured_implementation():
+    param = torch.nn.Parameter(torch.ones(2))
+    saved = optim.build_optimizer([param], make_config("optim.implementation=loop").optim)
+    param.grad = torch.ones(2)
+    saved.step()
+    resumed = optim.build_optimizer([param], make_config().optim)
+    resumed.load_state_dict(optim.own_implementation(resumed, saved.state_dict()))
+    assert optim.implementation_of(resumed) == "fused" and resumed.param_groups[0]["fused"]
+    assert resumed.state[param]["exp_avg"].equal(saved.state[param]["exp_avg"])
 
 
 def test_adagrad_takes_its_learning_rate_decay_and_weight_decay():

@@ -9,7 +9,7 @@ from typing import ContextManager, Iterable
 import torch
 from torch import nn
 
-from dtrain import dcp, models
+from dtrain import dcp, models, optim
 from dtrain import world as w
 
 
@@ -51,7 +51,7 @@ class Strategy:
             dcp.read_into(Path(state["dcp"]), model, optimizer)
             return
         self.load_model_state_dict(model, models.upgrade(name, state["model"]))
-        self.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+        self.load_optimizer_state_dict(model, optimizer, optim.own_implementation(optimizer, state["optimizer"]))
 
     def model_state_dict(self, model: nn.Module) -> dict:
         return model.state_dict()
