@@ -20,13 +20,14 @@ def read_image(path: Path, info: dict) -> torch.Tensor:
     input the model takes."""
     from PIL import Image, UnidentifiedImageError
     c, h, w = info["shape"]
+    if info["resize"]:  # trained on imagefolder: RGB, decoded and resized exactly as in training
+        from dtrain.data import images
+        return images.resizer(info["resize"])(images.read_rgb(str(path), context="")).as_subclass(torch.Tensor)
     try:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise BadInput(f"{path} is not a readable image ({e})") from e
-    if info["resize"]:  # trained on imagefolder: RGB, resized as in training
-        image = image.convert("RGB").resize((info["resize"], info["resize"]))
     bands = len(image.getbands())
     if image.mode in ("P", "1", "I;16", "I", "F"):
         image, bands = image.convert("L"), 1

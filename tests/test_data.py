@@ -127,6 +127,23 @@ def test_imagefolder_reads_class_folders_through_worker_processes(tmp_path):
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32)
 
 
+@pytest.mark.parametrize("mode,suffix", [  # PNG, JPEG: torchvision's decoder; BMP and 16-bit PNG: PIL's
+    ("RGB", ".png"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"), ("I;16", ".png"), ("RGB", ".jpg"),
+    ("L", ".jpg"), ("RGB", ".bmp"), ("P", ".bmp"),
+])
+def test_an_image_file_reads_as_the_rgb_pixels_pil_sees_whichever_decoder_reads_it(tmp_path, mode, suffix):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode) if mode != "I;16" else \
+        Image.fromarray(rng.integers(0, 65536, (20, 30), dtype=np.uint16))
+    image.save(tmp_path / f"x{suffix}")
+    expected = torch.from_numpy(np.asarray(Image.open(tmp_path / f"x{suffix}").convert("RGB")).copy())
+    got = data.read_rgb(str(tmp_path / f"x{suffix}"))
+    assert got.dtype == torch.uint8 and got.shape == (3, 20, 30)
+    # JPEG: libjpeg builds may round a few values differently (inverse DCT); PNG and BMP are exact
+    assert (got.permute(1, 2, 0).int() - expected.int()).abs().max() <= (1 if suffix == ".jpg" else 0)
+
+
 def test_synthetic_data_takes_any_shape_and_class_count():
     cfg = make_config("data=synthetic", "data.shape=[5]", "data.num_classes=3", "data.num_samples=100").data
     splits = data.build(cfg, SINGLE)
@@ -241,6 +258,18 @@ def test_the_device_path_and_the_dataloader_path_give_each_rank_the_same_batches
         assert [y.tolist() for _, y in device[1]] == [y.tolist() for _, y in stream[1]]
     evaluated = sorted(i for rank in range(2) for _, y in paths["device"][rank][1] for i in y.tolist())
     assert evaluated == list(range(len(paths["device"][0][1].dataset)))  # every sample once
+
+
+def test_the_device_path_normalises_once_up_front_to_the_same_numbers_unless_it_augments():
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
+    ds = data.Tensors(images, torch.arange(40), data.ToFloat([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]))
+    loader = data.DeviceLoader(ds, SINGLE, 8, train=True, seed=1)
+    assert loader.dataset.x.dtype == torch.float32 and loader.dataset.to_float is None  # converted once
+    for x, y in loader:
+        assert torch.equal(x, ds.batch(y)[0])  # bit for bit what a per-batch conversion gives
+    augmented = data.Tensors(images, torch.arange(40), ds.to_float, augment.Augment([augment.Flip()]))
+    assert data.DeviceLoader(augmented, SINGLE, 8, train=True).dataset.x.dtype == torch.uint8
+    assert ds.prepared(limit_bytes=images.numel() * 4 - 1) is ds  # too big as floats: stays uint8
 
 
 def test_auto_puts_in_memory_data_on_the_device_and_files_on_the_dataloader(tmp_path):

@@ -150,6 +150,26 @@ def test_predict_reads_image_files_a_folder_and_tensor_files_with_the_training_p
     assert f"{folder / '0.png'}: {expected[0].item()} " in proc.stdout
 
 
+def test_predict_for_an_image_folder_model_decodes_and_resizes_as_its_training_did(tmp_path, quiet_logs):
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / "train" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)  # resized to 32x32 on both sides
+            Image.fromarray(pixels).save(tmp_path / "images" / "train" / label / f"{i}.png")
+    trainer = make_trainer(tmp_path / "run", "data=imagefolder", f"data.root={tmp_path / 'images'}", "model=lenet",
+                           "data.batch_size=4", "data.eval_batch_size=4", "trainer.max_steps=2", "logger=none")
+    trainer.fit()
+    trainer.close()
+    image = tmp_path / "images" / "train" / "dog" / "5.png"
+    seen_in_training = trainer.splits.train.dataset.transform(trainer.splits.train.dataset.loader(str(image)))
+    model = api.load_model(tmp_path / "run" / "checkpoints" / "best.pt")
+    [row] = api.predict(tmp_path / "run" / "checkpoints" / "best.pt", image, topk=2)
+    with torch.no_grad():
+        expected = model.net(seen_in_training[None]).softmax(1)[0]
+    assert dict(row["top"]) == pytest.approx({"cat": expected[0].item(), "dog": expected[1].item()}, abs=1e-5)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda p: Image.new("RGB", (28, 28)).save(p / "x.png"), "has 3 channel(s) (RGB) but the model takes 1"),
     (lambda p: Image.new("L", (32, 32)).save(p / "x.png"), "is 32x32 pixels but the model takes 28x28; resize it"),

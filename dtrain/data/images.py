@@ -164,10 +164,10 @@ def imagefolder(root: Optional[str] = None, image_size: int = 32, *, options: Da
     if not (root / "train").is_dir():
         raise ConfigError(f"data.root={given!r} has no train/ folder: put images in train/<class>/")
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
     to_float, augmented = _transforms(cfg, None, 3)
-    resize = [v2.ToImage(), v2.Resize((image_size, image_size)), v2.ToDtype(torch.uint8)]
+    resize = [resizer(image_size)]
     one = [lambda x: augmented(x[None])[0]] if augmented is not None else []  # a batch of one image
+    from torchvision.transforms import v2
     train_tf, eval_tf = v2.Compose(resize + one + [to_float]), v2.Compose(resize + [to_float])
 
     def folder(name: str, tf) -> Optional[ImageFolder]:
@@ -187,15 +187,32 @@ def imagefolder(root: Optional[str] = None, image_size: int = 32, *, options: Da
                   to_float, image_size)
 
 
-def read_rgb(path: str):
-    """One image file as an RGB PIL image; a file PIL cannot read is a DataError naming it."""
+def read_rgb(path: str, context: str = "data=imagefolder: ") -> torch.Tensor:
+    """One image file as uint8 RGB [3, H, W]. torchvision.io.decode_image (libpng/libjpeg, 1.4-1.8x PIL's
+    images/s here: benchmarks/streaming.py) with PIL for what it does not read as 8-bit (BMP, TIFF, 16-bit
+    PNG, ...); the pixels are the same either way. A file neither reads is a DataError naming it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8:
+            return image
+    except (RuntimeError, ValueError):
+        pass
     from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return pil_to_tensor(Image.open(f).convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data
-        raise DataError(f"data=imagefolder: {path} is not a readable image ({type(e).__name__}: "
+        raise DataError(f"{context}{path} is not a readable image ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); remove or replace it") from None
+
+
+def resizer(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 [3, H, W] -> uint8 [3, image_size, image_size] (bilinear, antialiased): what training on an
+    image folder does to each image, and so what predict does to an image for such a model."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size)), v2.ToDtype(torch.uint8)])
 
 
 for _builder in (mnist_sample, mnist, cifar10, imagefolder):

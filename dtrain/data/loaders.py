@@ -88,15 +88,16 @@ def _init_worker(then: Optional[Callable[[int], None]], worker_id: int) -> None:
 
 
 class DeviceLoader:
-    """The fast path for data that fits in memory: the data set lives on the device as tensors (uint8
-    images stay uint8), each batch is an index slice of this rank's share of the epoch order (the same
-    samples as the DataLoader path), augmented and normalised as one batch, with no worker, no collate and
-    no host-to-device copy. Augmentation draws from a stream seeded by (seed, rank, epoch, batch), so a
-    resumed epoch sees the same crops."""
+    """The fast path for data that fits in memory: the data set lives on the device as tensors, each batch
+    is an index slice of this rank's share of the epoch order (the same samples as the DataLoader path),
+    with no worker, no collate and no host-to-device copy. Images are normalised once up front when nothing
+    random happens per batch (Tensors.prepared), else kept as uint8 and augmented and normalised per batch;
+    augmentation draws from a stream seeded by (seed, rank, epoch, batch), so a resumed epoch sees the same
+    crops."""
 
     def __init__(self, data: Tensors, world: w.World, batch_size: int, *, train: bool, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False):
-        self.dataset, self.world, self.batch_size = data.to(world.device), world, batch_size
+        self.dataset, self.world, self.batch_size = data.to(world.device).prepared(), world, batch_size
         self.train, self.seed, self.shuffle, self.drop_last = train, seed, shuffle, drop_last
         self.epoch, self.skip = 0, 0
 
