@@ -22,6 +22,8 @@ parser.add_argument("--model", default="mlp3")
 parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--batch", type=int, default=64, help="global batch")
 parser.add_argument("--devices", type=int, default=1)
+parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
@@ -48,6 +50,8 @@ class EpochTimer(L.Callback):
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         batches = trainer.num_training_batches
         self.rates.append(batches * args.batch / (time.perf_counter() - self.start))
 
@@ -59,11 +63,13 @@ train_x, val_x = (train_x.float().div(255) - mean) / std, (val_x.float().div(255
 loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch // args.devices, shuffle=True,
                     drop_last=True)
 timer, module = EpochTimer(), Module()
-trainer = L.Trainer(accelerator="auto", devices=args.devices, max_epochs=args.epochs, callbacks=[timer],
-                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    strategy="ddp" if args.devices > 1 else "auto")
+trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices,
+                    precision="bf16-mixed" if args.precision == "bf16" else "32-true", max_epochs=args.epochs,
+                    callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, strategy="ddp" if args.devices > 1 else "auto")
 trainer.fit(module, loader)
 if trainer.global_rank == 0:
     with torch.no_grad():
-        acc = (module.net(val_x).argmax(1) == val_y).float().mean().item()
+        net = module.net.to(args.device)
+        acc = (net(val_x.to(args.device)).argmax(1).cpu() == val_y).float().mean().item()
     report(timer.rates, acc)

@@ -2,13 +2,16 @@
 optimizer (Adam 1e-3) and global batch, measured in one run, interleaved (every contestant once per round,
 several rounds), each in its own process:
 
-    plain loop              benchmarks/plain.py: a hand-written loop over a preloaded, normalised tensor
+    plain loop              benchmarks/plain.py: the strongest hand-written loop (preloaded normalised tensor,
+                            index_select batches, fused Adam, no per-step host sync)
     tutorial loop           benchmarks/tutorial.py: torchvision data set + per-sample transforms + DataLoader
     dtrain                  python -m dtrain (its device-resident data path)
     Lightning               benchmarks/lightning_job.py (optional: pip install lightning)
-    ... DDP                 the same with 2 processes (torchrun; Lightning's own DDP launcher), gloo on CPU
+    ... DDP                 the same with 2 processes (torchrun; Lightning's own DDP launcher), gloo on CPU;
+                            with --device cuda one process per GPU, NCCL
 
     python benchmarks/throughput.py [--models mlp3 lenet] [--epochs 3] [--rounds 3] [--batch 64]
+    python benchmarks/throughput.py --device cuda --precision bf16   # the whole table on the GPU(s)
 
 Training samples/s (global) of each run is the mean over its epochs after the first (warm-up); the table
 shows the median over rounds with min-max, the ratio to the plain loop of the same process count, and
@@ -32,25 +35,32 @@ from dtrain.config import TrainerConfig
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def contestants(model: str, epochs: int, batch: int) -> list[tuple[str, int, list[str]]]:
-    """(name, processes, command); the dtrain commands get hydra.run.dir appended."""
-    script = ["--model", model, "--epochs", str(epochs), "--batch", str(batch)]
+def contestants(model: str, epochs: int, batch: int, device: str, precision: str,
+                nproc: int) -> list[tuple[str, int, list[str]]]:
+    """(name, processes, command); the dtrain commands get hydra.run.dir appended. Without `nproc` > 1
+    processes (fewer than 2 GPUs) the DDP rows are left out."""
+    script = ["--model", model, "--epochs", str(epochs), "--batch", str(batch), "--device", device]
+    low = ["--precision", precision]  # the contestants that take a precision (the tutorial loop is fp32)
     dtrain = ["-m", "dtrain", f"model={model}", f"trainer.epochs={epochs}", f"data.batch_size={batch}",
-              "checkpoint.enabled=false", "logger.plots=false"]
-    rows = [("plain loop", 1, [PY, str(HERE / "plain.py"), *script]),
+              f"trainer.device={device}", f"trainer.precision={precision}", "checkpoint.enabled=false",
+              "logger.plots=false"]
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    rows = [("plain loop", 1, [PY, str(HERE / "plain.py"), *script, *low]),
             ("tutorial loop", 1, [PY, str(HERE / "tutorial.py"), *script]),
             ("dtrain", 1, [PY, *dtrain])]
     lightning = importlib.util.find_spec("lightning") is not None
     if lightning:
-        rows.append(("Lightning", 1, [PY, str(HERE / "lightning_job.py"), *script]))
-    rows += [("plain DDP script", 2, [*TORCHRUN, str(HERE / "plain.py"), *script]),
-             ("dtrain DDP", 2, [*TORCHRUN, *dtrain]),
-             ("dtrain DDP, stop flag synced every step", 2, [*TORCHRUN, *dtrain, "trainer.sync_every_n_steps=1"])]
+        rows.append(("Lightning", 1, [PY, str(HERE / "lightning_job.py"), *script, *low]))
+    if nproc < 2:
+        return rows
+    rows += [("plain DDP script", nproc, [*torchrun, str(HERE / "plain.py"), *script, *low]),
+             ("dtrain DDP", nproc, [*torchrun, *dtrain]),
+             ("dtrain DDP, stop flag synced every step", nproc, [*torchrun, *dtrain, "trainer.sync_every_n_steps=1"])]
     if lightning:
-        rows.append(("Lightning DDP", 2, [PY, str(HERE / "lightning_job.py"), *script, "--devices", "2"]))
+        rows.append(("Lightning DDP", nproc, [PY, str(HERE / "lightning_job.py"), *script, *low,
+                                              "--devices", str(nproc)]))
     return rows
 
 
@@ -78,14 +88,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: every contestant on the GPU, DDP over NCCL on every GPU there is (2 or more)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     start = time.perf_counter()
     import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("throughput: --device cuda, but this PyTorch sees no GPU")
+    nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; batch {args.batch}, "
-          f"{args.epochs} epochs (first discarded), {args.rounds} rounds\n")
+          f"{args.epochs} epochs (first discarded), {args.rounds} rounds, {args.device} {args.precision}\n")
     for model in args.models:
-        rows = contestants(model, args.epochs, args.batch)
+        rows = contestants(model, args.epochs, args.batch, args.device, args.precision, nproc)
         rates: dict[str, list[float]] = {name: [] for name, _, _ in rows}
         accuracy: dict[str, float] = {}
         for r in range(args.rounds):
@@ -96,7 +112,8 @@ def main() -> None:
         print(f"### {model} on the MNIST sample (9,000 train images)\n")
         print("| contestant | processes | samples/s (median) | min–max | vs plain, same processes | val acc |")
         print("|---|---|---|---|---|---|")
-        baseline = {1: statistics.median(rates["plain loop"]), 2: statistics.median(rates["plain DDP script"])}
+        baseline = {procs: statistics.median(rates[name]) for name, procs, _ in rows
+                    if name in ("plain loop", "plain DDP script")}
         for name, procs, _ in rows:
             median = statistics.median(rates[name])
             print(f"| {name} | {procs} | {median:,.0f} | {min(rates[name]):,.0f}–{max(rates[name]):,.0f} | "
@@ -104,10 +121,11 @@ def main() -> None:
         med = {name: statistics.median(v) for name, v in rates.items()}
         lines = [f"dtrain / tutorial loop: {med['dtrain'] / med['tutorial loop']:.1f}×"]
         if "Lightning" in med:
-            lines += [f"dtrain / Lightning: {med['dtrain'] / med['Lightning']:.2f}× (1 process), "
-                      f"{med['dtrain DDP'] / med['Lightning DDP']:.2f}× (2 processes)"]
-        lines.append(f"dtrain DDP, stop flag every {TrainerConfig.sync_every_n_steps} steps vs every step: "
-                     f"{med['dtrain DDP'] / med['dtrain DDP, stop flag synced every step']:.2f}×")
+            lines += [f"dtrain / Lightning: {med['dtrain'] / med['Lightning']:.2f}× (1 process)"
+                      + (f", {med['dtrain DDP'] / med['Lightning DDP']:.2f}× ({nproc} processes)" if nproc > 1 else "")]
+        if nproc > 1:
+            lines.append(f"dtrain DDP, stop flag every {TrainerConfig.sync_every_n_steps} steps vs every step: "
+                         f"{med['dtrain DDP'] / med['dtrain DDP, stop flag synced every step']:.2f}×")
         print("\n" + "; ".join(lines) + "\n")
     print(f"total time: {(time.perf_counter() - start) / 60:.1f} min")
 
