@@ -35,10 +35,11 @@ from dtrain.config import TrainerConfig
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+COMPILED = "dtrain, trainer.compile=true"
 
 
-def contestants(model: str, epochs: int, batch: int, device: str, precision: str,
-                nproc: int) -> list[tuple[str, int, list[str]]]:
+def contestants(model: str, epochs: int, batch: int, device: str, precision: str, nproc: int,
+                compiled: bool) -> list[tuple[str, int, list[str]]]:
     """(name, processes, command); the dtrain commands get hydra.run.dir appended. Without `nproc` > 1
     processes (fewer than 2 GPUs) the DDP rows are left out."""
     script = ["--model", model, "--epochs", str(epochs), "--batch", str(batch), "--device", device]
@@ -50,6 +51,8 @@ def contestants(model: str, epochs: int, batch: int, device: str, precision: str
     rows = [("plain loop", 1, [PY, str(HERE / "plain.py"), *script, *low]),
             ("tutorial loop", 1, [PY, str(HERE / "tutorial.py"), *script]),
             ("dtrain", 1, [PY, *dtrain])]
+    if compiled:
+        rows.append((COMPILED, 1, [PY, *dtrain, "trainer.compile=true"]))
     lightning = importlib.util.find_spec("lightning") is not None
     if lightning:
         rows.append(("Lightning", 1, [PY, str(HERE / "lightning_job.py"), *script, *low]))
@@ -77,7 +80,8 @@ def run_one(command: list[str]) -> dict:
         if is_dtrain:
             epochs = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
             summary = json.loads(Path(tmp, "run", "summary.json").read_text())
-            return {"samples_per_sec": [e["samples_per_sec"] for e in epochs], "val_acc": summary["val_acc"]}
+            return {"samples_per_sec": [e["samples_per_sec"] for e in epochs], "val_acc": summary["val_acc"],
+                    "epoch_time_s": [e["epoch_time_s"] for e in epochs]}
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(line.removeprefix("RESULT "))
 
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: every contestant on the GPU, DDP over NCCL on every GPU there is (2 or more)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="add dtrain with trainer.compile=true (inductor) "
+                        "and its compile time: its first epoch's time less a later epoch's")
     args = parser.parse_args()
     start = time.perf_counter()
     import torch
@@ -101,14 +107,18 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; batch {args.batch}, "
           f"{args.epochs} epochs (first discarded), {args.rounds} rounds, {args.device} {args.precision}\n")
     for model in args.models:
-        rows = contestants(model, args.epochs, args.batch, args.device, args.precision, nproc)
+        rows = contestants(model, args.epochs, args.batch, args.device, args.precision, nproc, args.compile)
         rates: dict[str, list[float]] = {name: [] for name, _, _ in rows}
         accuracy: dict[str, float] = {}
+        compile_s: list[float] = []
         for r in range(args.rounds):
             for name, _, command in (rows if r % 2 == 0 else rows[::-1]):  # alternate the order too
                 result = run_one(command)
                 rates[name].append(statistics.mean(result["samples_per_sec"][1:]))
                 accuracy[name] = result["val_acc"]
+                if name == COMPILED:
+                    first, *rest = result["epoch_time_s"]
+                    compile_s.append(first - statistics.median(rest))
         print(f"### {model} on the MNIST sample (9,000 train images)\n")
         print("| contestant | processes | samples/s (median) | min–max | vs plain, same processes | val acc |")
         print("|---|---|---|---|---|---|")
@@ -123,6 +133,10 @@ def main() -> None:
         if "Lightning" in med:
             lines += [f"dtrain / Lightning: {med['dtrain'] / med['Lightning']:.2f}× (1 process)"
                       + (f", {med['dtrain DDP'] / med['Lightning DDP']:.2f}× ({nproc} processes)" if nproc > 1 else "")]
+        if compile_s:
+            lines.append(f"compiled / eager: {med[COMPILED] / med['dtrain']:.2f}×, compile time "
+                         f"{statistics.median(compile_s):.1f} s (first epoch less a later one; "
+                         f"{min(compile_s):.1f}–{max(compile_s):.1f})")
         if nproc > 1:
             lines.append(f"dtrain DDP, stop flag every {TrainerConfig.sync_every_n_steps} steps vs every step: "
                          f"{med['dtrain DDP'] / med['dtrain DDP, stop flag synced every step']:.2f}×")
