@@ -188,9 +188,10 @@ def imagefolder(root: Optional[str] = None, image_size: int = 32, *, options: Da
 
 
 def read_rgb(path: str, context: str = "data=imagefolder: ") -> torch.Tensor:
-    """One image file as uint8 RGB [3, H, W]. torchvision.io.decode_image (libpng/libjpeg, 1.4-1.8x PIL's
-    images/s here: benchmarks/streaming.py) with PIL for what it does not read as 8-bit (BMP, TIFF, 16-bit
-    PNG, ...); the pixels are the same either way. A file neither reads is a DataError naming it."""
+    """One image file as uint8 RGB [3, H, W]. torchvision.io.decode_image (libpng/libjpeg: 1.8x PIL's
+    images/s on PNG, 2.7x on JPEG here, benchmarks/RESULTS.md) with PIL for what it does not read as 8-bit
+    (BMP, TIFF, 16-bit PNG, ...); the same pixels either way (JPEG within one grey level). A file neither
+    reads is a DataError naming it."""
     from torchvision.io import ImageReadMode, decode_image, read_file
     try:
         image = decode_image(read_file(path), mode=ImageReadMode.RGB)
