@@ -79,7 +79,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     loaders = data.loaders(splits, cfg, world)
     steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
     optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim, world.device.type,
-                                      sharded=plan.name == "fsdp")
+                                      sharded=plan.name == "fsdp", sparse=optim.makes_sparse_gradients(model))
     monitor = task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
     callbacks = cb.Callbacks({**user_callbacks(cfg, given.callbacks), **own_callbacks(cfg, run, splits, task, monitor)})
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches

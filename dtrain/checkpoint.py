@@ -241,7 +241,8 @@ OPERATIONAL = ("resume", "name", "trainer.device", "trainer.log_every_n_steps", 
                "launcher.",
                "logger.", "checkpoint.", "data.root", "data.path", "data.download", "data.verify_checksums",
                "data.num_workers", "data.eval_batch_size", "data.loader", "data.pin_memory",
-               "data.persistent_workers", "data.prefetch_factor", "debug.")
+               "data.persistent_workers", "data.prefetch_factor", "debug.",
+               "optim.implementation")  # every implementation reaches the same weights (tests/test_training.py)
 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:

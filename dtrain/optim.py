@@ -37,19 +37,29 @@ OPTIMIZERS: dict[str, Spec] = {
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def implementation(cfg: OptimConfig, device_type: str, sharded: bool) -> str:
+def implementation(cfg: OptimConfig, device_type: str, sharded: bool, sparse: bool = False) -> str:
     """fused, foreach or loop: optim.implementation, where auto is fused wherever PyTorch has the kernel
-    for this optimizer, device and strategy, else foreach (one op over all parameters' lists)."""
+    for this optimizer, device and strategy, else foreach (one op over all parameters' lists). `sparse`:
+    the model makes sparse gradients (nn.Embedding(sparse=True)), which only the loop takes (fused kernels
+    refuse them, foreach SGD with momentum fails on them)."""
     spec, chosen = OPTIMIZERS[cfg.name], cfg.implementation.value
     has_fused = spec.fused and device_type in FUSED_DEVICES and (spec.fused_sharded or not sharded)
     if chosen == "auto":
-        return "fused" if has_fused else "foreach"
+        return "loop" if sparse else "fused" if has_fused else "foreach"
     if chosen == "fused" and not has_fused:
         where = ("dist.strategy=fsdp's sharded parameters" if spec.fused and sharded else
                  device_type if spec.fused else "any device")
         raise ConfigError(f"optim.implementation=fused: PyTorch has no fused {cfg.name} for {where}; use "
                           "optim.implementation=auto (fused where it exists, else foreach)")
+    if chosen != "loop" and sparse:
+        raise ConfigError(f"optim.implementation={chosen}: the model makes sparse gradients (an nn.Embedding "
+                          "or EmbeddingBag with sparse=True), which only the loop implementation takes; use "
+                          "optim.implementation=auto or loop")
     return chosen
+
+
+def makes_sparse_gradients(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse for m in model.modules())
 
 
 def check(cfg: OptimConfig, sharded: bool) -> None:
@@ -67,10 +77,10 @@ def l1_penalty(params: list[torch.Tensor], coefficient: float) -> torch.Tensor |
     return coefficient * torch.stack([p.abs().sum() for p in params]).sum()
 
 
-def build_optimizer(params: Iterable, cfg: OptimConfig, device_type: str = "cpu",
-                    sharded: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable, cfg: OptimConfig, device_type: str = "cpu", sharded: bool = False,
+                    sparse: bool = False) -> torch.optim.Optimizer:
     check(cfg, sharded)
-    spec, impl = OPTIMIZERS[cfg.name], implementation(cfg, device_type, sharded)
+    spec, impl = OPTIMIZERS[cfg.name], implementation(cfg, device_type, sharded, sparse)
     choice = {"foreach": impl == "foreach", **({"fused": impl == "fused"} if spec.fused else {})}
     return spec.cls(params, **spec.args(cfg), **choice)
 
@@ -121,6 +131,13 @@ class Constant(LambdaLR):
 
     def __init__(self, opt: torch.optim.Optimizer):
         super().__init__(opt, lambda step: 1.0)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As LambdaLR's next step would: the lr is the base lr again (a resume from another schedule)."""
+        super().load_state_dict(state_dict)
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr
+        self._last_lr = list(self.base_lrs)
 
     def step(self, epoch: Optional[int] = None) -> None:
         if epoch is not None or self._step_count == 0:  # the constructor's first step sets the lr

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dtrain import checkpoint as ckpt
+from dtrain import optim
 from dtrain import trainer as trainer_mod
 from dtrain.errors import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
 from conftest import (CHILD_ENV, FAULTS, Run, assert_same_weights, final_state, make_trainer, params,
@@ -142,6 +143,30 @@ def test_resume_none_starts_fresh_even_beside_checkpoints(tmp_path, quiet_logs):
     fresh = make_trainer(tmp_path, *SMALL, "trainer.max_steps=10", "resume=none")
     assert fresh.checkpointer.resume(fresh, "none") is None and fresh.progress.step == 0
     assert fresh.checkpointer.resume(fresh, "auto")["step"] == 10 and fresh.progress.step == 10
+
+
+@pytest.mark.parametrize("fmt", ["file", "dcp"])
+def test_a_resume_runs_the_configured_optimizer_implementation_not_the_checkpoints(tmp_path, quiet_logs,
+                                                                                    monkeypatch, fmt):
+    original = trainer_mod.Trainer.optimizer_step
+
+    def crash_at_step_12(self):
+        original(self)
+        if self.progress.step == 12:
+            raise RuntimeError("crash")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crash_at_step_12)
+    saved = make_trainer(tmp_path, *SMALL, "optim.implementation=loop", f"checkpoint.format={fmt}")
+    with pytest.raises(RuntimeError, match="crash"):
+        saved.fit()  # saved at step 10
+    saved.close()
+    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
+    resumed = make_trainer(tmp_path, *SMALL, f"checkpoint.format={fmt}")  # optim.implementation=auto: fused
+    resumed.checkpointer.resume(resumed, "auto")  # an operational key: not refused as a change
+    assert resumed.progress.step == 10
+    assert optim.implementation_of(resumed.optimizer) == "fused"
+    assert all(g["fused"] and not g["foreach"] for g in resumed.optimizer.param_groups)
+    resumed.close()
 
 
 # -- exact resume ---------------------------------------------------------------------------------

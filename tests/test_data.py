@@ -127,11 +127,18 @@ def test_imagefolder_reads_class_folders_through_worker_processes(tmp_path):
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32)
 
 
-@pytest.mark.parametrize("mode,suffix", [  # PNG, JPEG: torchvision's decoder; BMP and 16-bit PNG: PIL's
-    ("RGB", ".png"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"), ("I;16", ".png"), ("RGB", ".jpg"),
-    ("L", ".jpg"), ("RGB", ".bmp"), ("P", ".bmp"),
+@pytest.mark.parametrize("mode,suffix,decoder", [
+    ("RGB", ".png", "torchvision"), ("L", ".png", "torchvision"), ("RGBA", ".png", "torchvision"),
+    ("P", ".png", "torchvision"), ("RGB", ".jpg", "torchvision"), ("L", ".jpg", "torchvision"),
+    ("I;16", ".png", "PIL"),  # torchvision reads 16 bits
+    ("RGB", ".bmp", "PIL"), ("P", ".bmp", "PIL"), ("RGB", ".webp", "PIL"), ("P", ".gif", "PIL"),
 ])
-def test_an_image_file_reads_as_the_rgb_pixels_pil_sees_whichever_decoder_reads_it(tmp_path, mode, suffix):
+def test_an_image_file_reads_as_the_rgb_pixels_pil_sees_whichever_decoder_reads_it(tmp_path, monkeypatch, mode,
+                                                                                 suffix, decoder):
+    import torchvision.io
+    decoded = []
+    real = torchvision.io.decode_image
+    monkeypatch.setattr(torchvision.io, "decode_image", lambda *a, **k: decoded.append(real(*a, **k)) or decoded[-1])
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     image = Image.fromarray(pixels).convert(mode) if mode != "I;16" else \
@@ -140,8 +147,16 @@ def test_an_image_file_reads_as_the_rgb_pixels_pil_sees_whichever_decoder_reads_
     expected = torch.from_numpy(np.asarray(Image.open(tmp_path / f"x{suffix}").convert("RGB")).copy())
     got = data.read_rgb(str(tmp_path / f"x{suffix}"))
     assert got.dtype == torch.uint8 and got.shape == (3, 20, 30)
-    # JPEG: libjpeg builds may round a few values differently (inverse DCT); PNG and BMP are exact
+    assert (decoder == "torchvision") == any(got is d for d in decoded)
+    # JPEG: libjpeg builds may round a few values differently (inverse DCT); the rest are exact
     assert (got.permute(1, 2, 0).int() - expected.int()).abs().max() <= (1 if suffix == ".jpg" else 0)
+
+
+def test_an_animated_gif_named_like_a_png_reads_as_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 6), colour) for colour in ((200, 0, 0), (0, 200, 0))]
+    frames[0].save(tmp_path / "x.png", format="GIF", save_all=True, append_images=frames[1:])
+    got = data.read_rgb(str(tmp_path / "x.png"))
+    assert got.shape == (3, 6, 8) and got[:, 0, 0].tolist() == [200, 0, 0]
 
 
 def test_synthetic_data_takes_any_shape_and_class_count():

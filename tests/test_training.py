@@ -135,6 +135,19 @@ def test_no_schedule_keeps_the_lr_and_counts_steps_as_lambdalr_does():
         {k: v for k, v in general.state_dict().items() if k != "lr_lambdas"}  # checkpoints load either way
 
 
+def test_no_schedule_resumed_from_another_schedule_returns_to_the_base_lr():
+    cfg = make_config("optim.lr=0.5", "sched=cosine")
+    opt = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
+    cosine = optim.build_scheduler(opt, cfg.sched, 0.5, 20, 10)
+    for _ in range(10):
+        opt.step()
+        cosine.step()
+    assert opt.param_groups[0]["lr"] < 0.5
+    constant = optim.build_scheduler(opt, make_config("sched=none").sched, 0.5, 20, 10)
+    constant.load_state_dict(cosine.state_dict())
+    assert opt.param_groups[0]["lr"] == constant.get_last_lr()[0] == 0.5  # as LambdaLR's next step sets it
+
+
 def test_linear_warmup_rises_to_the_base_lr():
     lr = lrs("optim.lr=1.0", "sched=cosine", "sched.warmup_steps=10", "sched.warmup_start_factor=0.1")
     assert lr[0] == pytest.approx(0.1) and lr[5] == pytest.approx(0.55) and lr[10] == pytest.approx(1.0)
@@ -229,6 +242,19 @@ def test_auto_picks_the_fused_kernel_wherever_pytorch_has_one(name, single, shar
     assert optim.implementation(cfg, "cpu", sharded=True) == sharded  # FSDP2's DTensors: adam/adamw only
     built = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, "cpu")
     assert optim.implementation_of(built) == single
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_a_model_with_sparse_gradients_gets_the_loop_the_one_implementation_that_takes_them(name):
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    assert optim.makes_sparse_gradients(torch.nn.Sequential(embedding, torch.nn.Linear(4, 2)))
+    cfg = make_config(f"optim={name}", "optim.weight_decay=0").optim  # PyTorch decays no sparse gradient
+    opt = optim.build_optimizer(embedding.parameters(), cfg, "cpu", sparse=optim.makes_sparse_gradients(embedding))
+    assert optim.implementation_of(opt) == "loop"
+    embedding(torch.tensor([1, 2])).sum().backward()
+    opt.step()  # fused kernels raise here, and foreach SGD with momentum
+    with pytest.raises(ConfigError, match="sparse gradients"):
+        optim.implementation(make_config(f"optim={name}", "optim.implementation=fused").optim, "cpu", False, True)
 
 
 @pytest.mark.parametrize("overrides,where", [

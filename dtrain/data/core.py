@@ -97,12 +97,20 @@ class Tensors(Dataset):
         return (self.to_float(x) if self.to_float is not None else x), y
 
     def prepared(self, limit_bytes: int = 2 << 30) -> "Tensors":
-        """Normalised once, as floats, when no augmentation draws per batch and they fit in `limit_bytes`:
-        a batch is then one index_select, as in a hand-written loop (and the same numbers: the conversion is
-        elementwise)."""
-        if self.augment is not None or self.to_float is None or self.x.numel() * 4 > limit_bytes:
+        """Normalised once, as floats, when no augmentation draws per batch and they fit in `limit_bytes`
+        (on a GPU also in a quarter of its free memory): a batch is then one index_select, as in a
+        hand-written loop, with the same numbers (the conversion is elementwise). Else, or when the device
+        runs out of memory making them, the uint8 images stay and each batch is converted."""
+        if self.augment is not None or self.to_float is None:
             return self
-        return Tensors(self.to_float(self.x).contiguous(), self.y)
+        if self.x.is_cuda:
+            limit_bytes = min(limit_bytes, torch.cuda.mem_get_info(self.x.device)[0] // 4)
+        if self.x.numel() * 4 > limit_bytes:
+            return self
+        try:
+            return Tensors(self.to_float(self.x).contiguous(), self.y)
+        except torch.OutOfMemoryError:
+            return self
 
     def take(self, index) -> "Tensors":
         return Tensors(self.x[index], self.y[index], self.to_float, self.augment)

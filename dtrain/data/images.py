@@ -187,17 +187,23 @@ def imagefolder(root: Optional[str] = None, image_size: int = 32, *, options: Da
                   to_float, image_size)
 
 
+# The files torchvision.io decodes faster than PIL (by their first bytes, whatever their name): PNG, JPEG
+_FAST_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff")
+
+
 def read_rgb(path: str, context: str = "data=imagefolder: ") -> torch.Tensor:
-    """One image file as uint8 RGB [3, H, W]. torchvision.io.decode_image (libpng/libjpeg: 1.8x PIL's
-    images/s on PNG, 2.7x on JPEG here, benchmarks/RESULTS.md) with PIL for what it does not read as 8-bit
-    (BMP, TIFF, 16-bit PNG, ...); the same pixels either way (JPEG within one grey level). A file neither
-    reads is a DataError naming it."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """One image file as uint8 RGB [3, H, W]. PNG and JPEG by torchvision.io.decode_image (libpng/libjpeg:
+    1.8x PIL's images/s on PNG, 2.7x on JPEG here, benchmarks/RESULTS.md), everything else (and a 16-bit
+    PNG, which it reads as 16 bits) by PIL; the same pixels either way (JPEG within one grey level). A file
+    neither reads is a DataError naming it."""
     try:
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        if image.dtype == torch.uint8:
-            return image
-    except (RuntimeError, ValueError):
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        data = read_file(path)
+        if bytes(data[:4].tolist()).startswith(_FAST_SIGNATURES):
+            image = decode_image(data, mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint8 and image.ndim == 3:
+                return image
+    except (ImportError, RuntimeError, ValueError):  # torchvision.io's decoding is deprecated: PIL stays
         pass
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
