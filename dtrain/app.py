@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from omegaconf import DictConfig
 
@@ -57,8 +57,11 @@ def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) ->
 
         with w.process_group(world, cfg.dist.timeout_s):
             # Caught inside the group's block, so the traceback and all it holds (model, optimizer,
-            # loader) die before the group is torn down.
-            return exit_code(run, world, cfg.dist.timeout_s)
+            # loader) die before the group is torn down; recorded before the teardown too, which may wait
+            # on a peer still inside a collective (the stop watchdog then ends this process).
+            code = exit_code(run, world, cfg.dist.timeout_s)
+            record_exit_code(code)
+            return code
 
     code = EXIT_FAILED
     try:
@@ -72,9 +75,14 @@ def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) ->
 EXIT_CODE_DIR = "DTRAIN_EXIT_CODE_DIR"  # set by dtrain.launch: where each worker leaves its exit code
 
 
+recorded: Optional[int] = None  # the exit code this process has recorded, if any
+
+
 def record_exit_code(code: int, env: Mapping[str, str] = os.environ) -> None:
     """Leave this rank's exit code where dtrain.launch reads it after a stop signal (the agent that
     forwards the signal does not report the workers' own codes)."""
+    global recorded
+    recorded = code
     if env.get(EXIT_CODE_DIR):
         with contextlib.suppress(OSError):
             Path(env[EXIT_CODE_DIR], f"rank{w.from_launcher(env).rank}").write_text(str(code))

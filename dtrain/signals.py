@@ -81,6 +81,9 @@ class StopSignal:
     def _expire(self, signum: int) -> None:
         print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of {name(signum)} "
               "(stuck in a collective?); exiting", file=sys.stderr, flush=True)
+        from dtrain import app  # loaded long since: this process started through it
+        if app.recorded is None:  # else its own verdict stands (it crashed, then its teardown hung)
+            app.record_exit_code(128 + signum)
         os._exit(128 + signum)
 
     def hand_on(self, signum: int) -> None:
