@@ -30,6 +30,19 @@ def without_timing(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
 
 
+def crash_after_step(monkeypatch, step: int):
+    """Make the trainer raise right after optimizer step `step`; returns what undoes it."""
+    original = trainer_mod.Trainer.optimizer_step
+
+    def crashing(self):
+        original(self)
+        if self.progress.step == step:
+            raise RuntimeError("crash")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crashing)
+    return lambda: monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
+
+
 def checkpoint_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
@@ -148,19 +161,12 @@ def test_resume_none_starts_fresh_even_beside_checkpoints(tmp_path, quiet_logs):
 @pytest.mark.parametrize("fmt", ["file", "dcp"])
 def test_a_resume_runs_the_configured_optimizer_implementation_not_the_checkpoints(tmp_path, quiet_logs,
                                                                                     monkeypatch, fmt):
-    original = trainer_mod.Trainer.optimizer_step
-
-    def crash_at_step_12(self):
-        original(self)
-        if self.progress.step == 12:
-            raise RuntimeError("crash")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crash_at_step_12)
+    restore = crash_after_step(monkeypatch, 12)
     saved = make_trainer(tmp_path, *SMALL, "optim.implementation=loop", f"checkpoint.format={fmt}")
     with pytest.raises(RuntimeError, match="crash"):
         saved.fit()  # saved at step 10
     saved.close()
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
+    restore()
     resumed = make_trainer(tmp_path, *SMALL, f"checkpoint.format={fmt}")  # optim.implementation=auto: fused
     resumed.checkpointer.resume(resumed, "auto")  # an operational key: not refused as a change
     assert resumed.progress.step == 10
@@ -176,19 +182,12 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_
     whole.fit()
     whole.close()
 
-    original = trainer_mod.Trainer.optimizer_step
-
-    def crash_at_step_37(self):
-        original(self)
-        if self.progress.step == 37:
-            raise RuntimeError("crash")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crash_at_step_37)
+    restore = crash_after_step(monkeypatch, 37)
     first = make_trainer(tmp_path / "split", *SMALL)
     with pytest.raises(RuntimeError, match="crash"):
         first.fit()
     first.close()
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
+    restore()
     resumed = make_trainer(tmp_path / "split", *SMALL)  # resume=auto finds step 30, mid-epoch 1
     resumed.fit()
     resumed.close()
