@@ -71,27 +71,60 @@ class Task:
 
 class EpochSums:
     """A rank's running [loss sum, count, *extras] for an epoch, kept without host syncs and with few
-    device ops per step: each batch's mean loss and extras are held as they come and folded into the
-    float64 totals only when read (at the epoch's end, or for a checkpoint)."""
+    device ops per step. Each batch's mean loss is held as it comes; its outputs and targets too, while
+    they are small, so the extras (accuracy: argmax, compare, count) are computed for many batches at
+    once rather than three small ops per step, which on a small model cost as much as a layer. All is
+    folded into the float64 totals when the held outputs reach `hold_bytes`, and when read (at the
+    epoch's end, or for a checkpoint)."""
 
-    def __init__(self, task: Task, device: torch.device):
-        self.task, self.total = task, task.zeros(device)
-        self.pending: list[tuple[torch.Tensor, list[torch.Tensor], int]] = []
+    def __init__(self, task: Task, device: torch.device, hold_bytes: int = 1 << 20):
+        self.task, self.total, self.hold_bytes = task, task.zeros(device), hold_bytes
+        self.losses: list[torch.Tensor] = []  # each batch's mean loss
+        self.counts: list[int] = []  # and its samples
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outputs, targets) not yet in the extras
+        self.extras: list[torch.Tensor] = []  # extra sums of folded outputs, [len(task.extras)] each
+        self.held = 0  # bytes of self.outputs
 
     def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
-        self.pending.append((loss.detach(), self.task.extra_sums(out.detach(), y), len(y)))
+        self.losses.append(loss.detach())
+        self.counts.append(y.shape[0])
+        if self.task.extras:
+            self.outputs.append((out.detach(), y))
+            self.held += out.numel() * out.element_size() + y.numel() * y.element_size()
+            if self.held >= self.hold_bytes:
+                self._fold_outputs()
+
+    def _fold_outputs(self) -> None:
+        if not self.outputs:
+            return
+        outs, ys = zip(*self.outputs)
+        try:
+            batches = [(torch.cat(outs), torch.cat(ys))]
+        except RuntimeError:  # shapes that differ past the batch dimension (sequences of varying length)
+            batches = self.outputs
+        for out, y in batches:
+            self.extras.append(torch.stack([s.double() for s in self.task.extra_sums(out, y)]))
+        self.outputs.clear()
+        self.held = 0
 
     def value(self) -> torch.Tensor:
-        if self.pending:
-            losses, extras, counts = zip(*self.pending)
-            n = torch.tensor(counts, dtype=torch.float64, device=self.total.device)
-            self.total += torch.stack([(torch.stack(losses).double() * n).sum(), n.sum(),
-                                       *(torch.stack(e).double().sum() for e in zip(*extras))])
-            self.pending.clear()
+        self._fold_outputs()
+        if self.losses:
+            n = torch.tensor(self.counts, dtype=torch.float64, device=self.total.device)
+            self.total[:2] += torch.stack([(torch.stack(self.losses).double() * n).sum(), n.sum()])
+            self.losses.clear()
+            self.counts.clear()
+        if self.extras:
+            self.total[2:] += torch.stack(self.extras).sum(0)
+            self.extras.clear()
         return self.total
 
     def reset(self, total: torch.Tensor | None = None) -> None:
-        self.pending.clear()
+        self.losses.clear()
+        self.counts.clear()
+        self.outputs.clear()
+        self.extras.clear()
+        self.held = 0
         self.total.copy_(total) if total is not None else self.total.zero_()
 
 

@@ -10,7 +10,7 @@ from torchmetrics.functional.classification import multiclass_auroc, multiclass_
 
 from conftest import make_config, make_trainer
 from dtrain.errors import ConfigError
-from dtrain.tasks import TASKS, macro_auc, macro_f1
+from dtrain.tasks import TASKS, EpochSums, macro_auc, macro_f1
 
 
 def confusion(y: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.Tensor:
@@ -64,3 +64,45 @@ def test_best_pt_can_follow_f1_or_auc_but_a_regression_has_neither():
                                                "mnist_sample") == "val_auc"
     with pytest.raises(ConfigError, match="checkpoint.monitor=val_f1 but data=regression is a regression task"):
         TASKS["regression"].monitor_for(make_config("checkpoint.monitor=val_f1").checkpoint.monitor, "regression")
+
+
+def batch_by_batch(task, batches) -> torch.Tensor:
+    """[loss sum, count, *extras] summed one batch at a time, as Task.batch_sums gives them."""
+    return sum(task.batch_sums(task.loss(out, y), out, y) for out, y in batches)
+
+
+@pytest.mark.parametrize("hold_bytes", [1, 500, 1 << 20])  # fold every batch, every few, once
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_epoch_sums_equal_the_batch_by_batch_sums_however_many_batches_they_hold(task, hold_bytes):
+    g = torch.Generator().manual_seed(0)
+    classes = 4 if task == "classification" else 1
+    batches = []
+    for size in (8, 8, 8, 3, 8, 8, 5):  # a short last batch mid-way, as a resumed epoch has
+        out = torch.randn(size, classes, generator=g)
+        y = torch.randint(0, 4, (size,), generator=g) if task == "classification" else torch.randn(size, 1, generator=g)
+        batches.append((out, y))
+    sums = EpochSums(TASKS[task], torch.device("cpu"), hold_bytes=hold_bytes)
+    for out, y in batches[:4]:
+        sums.add(TASKS[task].loss(out, y), out, y)
+    assert torch.allclose(sums.value(), batch_by_batch(TASKS[task], batches[:4]), rtol=1e-12)
+    assert torch.equal(sums.value(), sums.value())  # reading twice adds nothing
+    for out, y in batches[4:]:
+        sums.add(TASKS[task].loss(out, y), out, y)
+    assert torch.allclose(sums.value(), batch_by_batch(TASKS[task], batches), rtol=1e-12)
+
+
+def test_epoch_sums_keep_batches_whose_outputs_do_not_concatenate_and_hold_only_what_fits():
+    task = TASKS["classification"]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, t, generator=g), torch.randint(0, 3, (6, t), generator=g)) for t in (5, 7, 5)]
+    sums = EpochSums(task, torch.device("cpu"), hold_bytes=1 << 20)  # sequences of 5, 7, 5 steps
+    for out, y in batches:
+        sums.add(task.loss(out, y), out, y)
+    assert len(sums.outputs) == 3
+    assert torch.allclose(sums.value(), batch_by_batch(task, batches), rtol=1e-12)
+    held = EpochSums(task, torch.device("cpu"), hold_bytes=2 * (6 * 3 * 5 * 4 + 6 * 5 * 8))
+    for out, y in batches[:1] * 5:
+        held.add(task.loss(out, y), out, y)
+    assert len(held.outputs) == 1  # folded on reaching two batches' bytes, then one more held
+    held.reset()
+    assert held.value().tolist() == [0.0, 0.0, 0.0] and not held.outputs
