@@ -40,7 +40,7 @@ class Loop:
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-        if self.world > 1:
+        if self.world > 1 and not dist.is_initialized():  # benchmarks/steps.py forms it for both loops
             dist.init_process_group("nccl" if cuda else "gloo")
         torch.manual_seed(0)
         train_x, train_y, val_x, val_y = mnist_sample()
