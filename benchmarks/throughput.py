@@ -159,14 +159,16 @@ def main() -> None:
                          f"{med['dtrain DDP'] / med['dtrain DDP, stop flag synced every step']:.2f}×")
         print("\n" + "; ".join(lines) + "\n")
         if args.pairs:
-            print(f"Paired epochs, dtrain / plain loop in the same process(es) ({args.pairs} pairs, benchmarks/steps.py):\n")
+            print(f"Paired epochs, dtrain / plain loop in the same process(es) ({args.pairs} pairs, "
+                  "benchmarks/steps.py):\n")
             print("| processes | median | quartiles | target | met |\n|---|---|---|---|---|")
             for procs in ((1, nproc) if nproc > 1 else (1,)):
                 ratios = paired(model, args.batch, args.device, args.precision, procs, args.pairs)["ratios"]
                 q = statistics.quantiles(ratios, n=4)
                 target = TARGETS[min(procs, 2)]
                 median = statistics.median(ratios)
-                print(f"| {procs} | {median:.3f}× | {q[0]:.3f}–{q[2]:.3f} | ≥ {target}× | {'yes' if median >= target else 'no'} |")
+                met = "yes" if median >= target else "no"
+                print(f"| {procs} | {median:.3f}× | {q[0]:.3f}–{q[2]:.3f} | ≥ {target}× | {met} |")
             print()
     print(f"total time: {(time.perf_counter() - start) / 60:.1f} min")
 

@@ -156,8 +156,8 @@ def test_ranks_agree_on_a_value_every_n_steps_without_waiting_where_the_all_redu
     script = tmp_path / "agree.py"
     script.write_text(AGREEMENT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(every), str(tmp_path)], cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True,
-                          timeout=120)
+                           str(script), str(every), str(tmp_path)], cwd=ROOT, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for r in results:
