@@ -90,7 +90,8 @@ class EpochSums:
         self.counts.append(y.shape[0])
         if self.task.extras:
             self.outputs.append((out.detach(), y))
-            self.held += out.numel() * out.element_size() + y.numel() * y.element_size()
+            # What holding them keeps alive: a view's whole storage (a model may return part of a tensor).
+            self.held += out.untyped_storage().nbytes() + y.untyped_storage().nbytes()
             if self.held >= self.hold_bytes:
                 self._fold_outputs()
 
@@ -98,8 +99,8 @@ class EpochSums:
         if not self.outputs:
             return
         outs, ys = zip(*self.outputs)
-        try:
-            batches = [(torch.cat(outs), torch.cat(ys))]
+        try:  # one batch (large outputs fold at once) needs no copy
+            batches = [(torch.cat(outs), torch.cat(ys))] if len(outs) > 1 else self.outputs
         except RuntimeError:  # shapes that differ past the batch dimension (sequences of varying length)
             batches = self.outputs
         for out, y in batches:

@@ -325,8 +325,9 @@ class Agreement:
     rank wait there for the slowest: the all-reduce starts one step ahead, at step k*every - 1, runs during
     step k*every's work and is read after it. Every rank calls `at(step, every, value)` after each step
     (the same steps on every rank, so all start and read the same collectives), and `settle()` when
-    stepping ends. Without a process group, or when nothing was started (the first agreement after a
-    resume), the value is agreed at once."""
+    stepping ends. A value that changes after its all-reduce started (a signal during step k*every) is
+    agreed one interval later. Without a process group, or when nothing was started (the first agreement
+    after a resume), the value is agreed at once."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -337,7 +338,7 @@ class Agreement:
         if step % every == 0:
             agreed = self.settle() if self.pending is not None else max_over_ranks(value, self.device)
         if (step + 1) % every == 0 and dist.is_initialized():
-            t = torch.tensor([value], dtype=torch.int64, device=self.device)
+            t = torch.full((1,), value, dtype=torch.int64, device=self.device)  # a fill: no wait for a GPU
             self.pending = (t, dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True))
         return agreed
 

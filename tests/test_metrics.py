@@ -106,3 +106,17 @@ def test_epoch_sums_keep_batches_whose_outputs_do_not_concatenate_and_hold_only_
     assert len(held.outputs) == 1  # folded on reaching two batches' bytes, then one more held
     held.reset()
     assert held.value().tolist() == [0.0, 0.0, 0.0] and not held.outputs
+
+
+def test_epoch_sums_count_what_held_outputs_keep_alive_and_never_hold_one_batch_over_the_limit():
+    task = TASKS["classification"]
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, 1000, generator=g)  # a model that returns a view of a larger tensor
+    out, y = logits[:, :3], torch.randint(0, 3, (8,), generator=g)
+    sums = EpochSums(task, torch.device("cpu"), hold_bytes=8 * 1000 * 4)
+    sums.add(task.loss(out, y), out, y)
+    assert not sums.outputs  # its 32 kB storage, not its 96 bytes, reached the limit: folded at once
+    big = torch.randn(64, 3, generator=g)
+    sums.add(task.loss(big, y.repeat(8)), big, y.repeat(8))
+    assert len(sums.outputs) == 1
+    assert torch.allclose(sums.value(), batch_by_batch(task, [(out, y), (big, y.repeat(8))]), rtol=1e-12)
