@@ -42,7 +42,6 @@ class Trainer:
         self.forward = self.net  # what the step calls (tests and faults may wrap it)
         self.parameters = list(self.model.parameters())
         self.sync_every = self.cfg.trainer.sync_every_n_steps if self.world.distributed else 1  # local: free
-        self.agreement = w.Agreement(self.world.device)  # the ranks' on a stop signal, every sync_every steps
         self.progress = Progress()
         self.epoch_sums = EpochSums(self.task, self.world.device)  # this rank's, kept across a mid-epoch resume
         self.last_metrics: Optional[dict] = None
@@ -80,10 +79,8 @@ class Trainer:
                 if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
                                                  last=self.finished or p.epoch == cfg.trainer.epochs):
                     self.checkpointer.save(self, p.step, val)
-            self.agreement.settle()  # finished: a stop signal now changes nothing
             self.checkpointer.wait()  # a save still being written in the background completes first
         except Preempted as stopped:
-            self.agreement.settle()  # every rank started the same all-reduce (every=1: one for the next step)
             self.checkpointer.save_on_stop(self, p.step, stopped)
             stop.hand_on(stopped.signum)
             raise
@@ -132,9 +129,10 @@ class Trainer:
             # The only host syncs of a step, and only every N steps: reading the loss, agreeing on a stop.
             if p.step % cfg.trainer.log_every_n_steps == 0:
                 self.log_step(loss.item(), **({} if penalty is None else {"l1_penalty": penalty.item()}))
-            signum = self.agreement.at(p.step, self.sync_every, stop.received or 0)
-            if signum:
-                raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+            if p.step % self.sync_every == 0:
+                signum = w.max_over_ranks(stop.received or 0, world.device)
+                if signum:
+                    raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
             if not self.finished and done < batches and self.checkpointer.should_save(p.step, p.epoch,
                                                                                       epoch_end=False):
                 self.checkpointer.save(self, p.step)  # a step that ends the epoch is saved there, once

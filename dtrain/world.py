@@ -320,37 +320,6 @@ def max_over_ranks(value: int, device: torch.device) -> int:
     return max_each_over_ranks([value], device)[0]
 
 
-class Agreement:
-    """The largest of every rank's value (a stop signal), agreed every `every` steps without making every
-    rank wait there for the slowest: the all-reduce starts one step ahead, at step k*every - 1, runs during
-    step k*every's work and is read after it. Every rank calls `at(step, every, value)` after each step
-    (the same steps on every rank, so all start and read the same collectives), and `settle()` when
-    stepping ends. A value that changes after its all-reduce started (a signal during step k*every) is
-    agreed one interval later. Without a process group, or when nothing was started (the first agreement
-    after a resume), the value is agreed at once."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.pending: tuple[torch.Tensor, Any] | None = None  # (value, its all-reduce) started, not yet read
-
-    def at(self, step: int, every: int, value: int) -> int:
-        agreed = 0
-        if step % every == 0:
-            agreed = self.settle() if self.pending is not None else max_over_ranks(value, self.device)
-        if (step + 1) % every == 0 and dist.is_initialized():
-            t = torch.full((1,), value, dtype=torch.int64, device=self.device)  # a fill: no wait for a GPU
-            self.pending = (t, dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True))
-        return agreed
-
-    def settle(self) -> int:
-        """The value of the all-reduce started and not yet read (0 if none)."""
-        if self.pending is None:
-            return 0
-        (t, work), self.pending = self.pending, None
-        work.wait()
-        return int(t.item())
-
-
 def max_each_over_ranks(values: list[int], device: torch.device) -> list[int]:
     """Element by element, the largest of every rank's `values`, on every rank, in one collective."""
     if not dist.is_initialized():

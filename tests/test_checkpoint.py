@@ -259,14 +259,12 @@ def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step_and_the_resume
 
 
 @pytest.mark.slow
-def test_ranks_agreeing_every_step_stop_one_step_after_the_signal_and_the_resume_is_exact(tmp_path,
-                                                                                          two_rank_reference):
-    # Every step's all-reduce starts after that step and is read after the next one, across epoch ends,
-    # evaluation and checkpoints: the signal of step 23 is agreed at step 24.
+def test_ranks_agreeing_every_step_stop_after_the_step_of_the_signal_and_the_resume_is_exact(tmp_path,
+                                                                                            two_rank_reference):
     every_step = (*SMALL, "trainer.sync_every_n_steps=1")
     run = run_cli(tmp_path / "run", *every_step, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
     assert run.code != 0, run
-    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000024.pt"
+    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000023.pt"
     assert f"exiting with {PREEMPTED_EXIT_CODE}" in run.out
     resumed = run_cli(tmp_path / "run", *every_step, nproc=2)
     assert resumed.code == 0, resumed
