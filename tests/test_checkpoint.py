@@ -246,27 +246,17 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_75(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step_and_the_resume_is_exact(tmp_path, two_rank_reference):
-    run = run_cli(tmp_path / "run", *SMALL, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
+# Ranks agree on a stop every trainer.sync_every_n_steps (10): the first agreement after step 23 is 30;
+# agreeing every step, the run stops after step 23 itself.
+@pytest.mark.parametrize("every,stopped_at", [(10, 30), (1, 23)])
+def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step_and_the_resume_is_exact(tmp_path, two_rank_reference,
+                                                                                          every, stopped_at):
+    config = (*SMALL, f"trainer.sync_every_n_steps={every}")
+    run = run_cli(tmp_path / "run", *config, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
     assert run.code != 0, run
-    # Ranks agree on a stop every trainer.sync_every_n_steps (10): the first agreement after step 23 is 30.
-    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000030.pt"
+    assert (run.dir / "checkpoints" / "latest").read_text() == f"step-{stopped_at:08d}.pt"
     assert f"exiting with {PREEMPTED_EXIT_CODE}" in run.out
-    resumed = run_cli(tmp_path / "run", *SMALL, nproc=2)
-    assert resumed.code == 0, resumed
-    assert_same_weights(final_state(two_rank_reference), final_state(resumed), rtol=0, atol=0)
-    assert without_timing(resumed.metrics) == without_timing(two_rank_reference.metrics)
-
-
-@pytest.mark.slow
-def test_ranks_agreeing_every_step_stop_after_the_step_of_the_signal_and_the_resume_is_exact(tmp_path,
-                                                                                            two_rank_reference):
-    every_step = (*SMALL, "trainer.sync_every_n_steps=1")
-    run = run_cli(tmp_path / "run", *every_step, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
-    assert run.code != 0, run
-    assert (run.dir / "checkpoints" / "latest").read_text() == "step-00000023.pt"
-    assert f"exiting with {PREEMPTED_EXIT_CODE}" in run.out
-    resumed = run_cli(tmp_path / "run", *every_step, nproc=2)
+    resumed = run_cli(tmp_path / "run", *config, nproc=2)
     assert resumed.code == 0, resumed
     assert_same_weights(final_state(two_rank_reference), final_state(resumed), rtol=0, atol=0)
     assert without_timing(resumed.metrics) == without_timing(two_rank_reference.metrics)
