@@ -57,6 +57,7 @@ class Checkpointer:
         self.best: Optional[float] = None  # the monitored value of best.pt
         self.fmt, self.pending = fmt, None
         self.stall_s = 0.0  # how long the loop waited on saves since `take_stall`
+        self.saved_step: Optional[int] = None  # the step of the last save
         # An asynchronous save coordinates its ranks in its own gloo group, off the training group's collectives.
         self.group = w.new_group("gloo") if cfg.async_save and world.distributed and self.enabled else None
         self.stager = dcp.stager() if cfg.async_save and self.enabled else None
@@ -89,6 +90,7 @@ class Checkpointer:
         else:
             state = {**trainer.state_dict(), **extra}  # on every rank: a sharded model gathers here
             self._on_main(lambda: save(self.folder, state, step, self.cfg.keep_last, is_best), is_best)
+        self.saved_step = step
         self.stall_s += time.perf_counter() - start
 
     def _stage(self, trainer: Checkpointable, step: int, extra: dict, is_best: bool) -> None:
@@ -174,7 +176,10 @@ class Checkpointer:
             log.info(f"{why}; checkpointing is off (checkpoint.enabled=false or a debug mode), so nothing "
                      "was saved and a rerun starts over")
             return
-        self.save(trainer, step, wait=True)
+        if self.saved_step == step:  # a stop agreed in the step after this step's own save (trainer.StopVote)
+            self.wait()
+        else:
+            self.save(trainer, step, wait=True)
         log.info(f"{why}: checkpoint saved; exiting with {stop.code}. To continue, run the same command with "
                  f"resume=last (the newest run of this config) or hydra.run.dir={self.folder.parent}")
 

@@ -10,13 +10,15 @@ import math
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from dtrain import logs, optim, plots
 from dtrain import world as w
 from dtrain.build import Parts
+from dtrain.checkpoint import rng_state, set_rng_state
 from dtrain.config import as_dict
 from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from dtrain.logs import log
@@ -32,6 +34,44 @@ class Progress:
     samples_in_epoch: int = 0  # global samples of the current epoch already trained on
 
 
+class StopVote:
+    """How the ranks agree on a stop signal (every trainer.sync_every_n_steps steps) without waiting for one
+    another. Alone, a signal is acted on at once. Under DDP the all-reduce of the ranks' signals starts
+    after step kN and is read in step kN+1 after its backward (whose gradient all-reduce has waited for it
+    already) and before anything of that step is kept. A stop agreed there undoes what that forward and
+    backward changed that a checkpoint holds (the random states; buffers such as batch norm's running
+    statistics), so training stops after step kN, where waiting for the vote would have stopped it."""
+
+    def __init__(self, world: w.World, model: nn.Module):
+        self.world, self.model = world, model
+        self.pending: Optional[tuple[Callable[[], int], dict, list[torch.Tensor]]] = None  # vote, rng, buffers
+
+    def start(self, signum: int) -> None:
+        if not self.world.distributed:
+            stop_if(w.max_over_ranks(signum, self.world.device))
+            return
+        self.pending = (w.start_max_over_ranks(signum, self.world.device), rng_state(),
+                        [b.detach().clone() for b in self.model.buffers()])
+
+    def settle(self) -> None:
+        """Read the vote in flight, if any. On a stop: back to the step it started after, then Preempted."""
+        if self.pending is None:
+            return
+        (vote, rng, buffers), self.pending = self.pending, None
+        signum = vote()
+        if signum:
+            set_rng_state(rng)
+            with torch.no_grad():
+                for b, kept in zip(self.model.buffers(), buffers):
+                    b.copy_(kept)
+            stop_if(signum)
+
+
+def stop_if(signum: int) -> None:
+    if signum:
+        raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+
+
 class Trainer:
     def __init__(self, parts: Parts):
         self.parts = parts
@@ -42,6 +82,7 @@ class Trainer:
         self.forward = self.net  # what the step calls (tests and faults may wrap it)
         self.parameters = list(self.model.parameters())
         self.sync_every = self.cfg.trainer.sync_every_n_steps if self.world.distributed else 1  # local: free
+        self.stop_vote = StopVote(self.world, self.model)
         self.progress = Progress()
         self.epoch_sums = EpochSums(self.task, self.world.device)  # this rank's, kept across a mid-epoch resume
         self.last_metrics: Optional[dict] = None
@@ -120,6 +161,7 @@ class Trainer:
                 penalty = optim.l1_penalty(self.parameters, cfg.optim.l1)  # None unless optim.l1 > 0
                 objective = loss if penalty is None else loss + penalty
                 self.scaler.scale(objective / accum if accum > 1 else objective).backward()
+            self.stop_vote.settle()  # the ranks' vote started after the last step, read before this one counts
             self.epoch_sums.add(loss, out, y)
             if not boundary:
                 continue
@@ -130,12 +172,11 @@ class Trainer:
             if p.step % cfg.trainer.log_every_n_steps == 0:
                 self.log_step(loss.item(), **({} if penalty is None else {"l1_penalty": penalty.item()}))
             if p.step % self.sync_every == 0:
-                signum = w.max_over_ranks(stop.received or 0, world.device)
-                if signum:
-                    raise Preempted(signum, EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+                self.stop_vote.start(stop.received or 0)
             if not self.finished and done < batches and self.checkpointer.should_save(p.step, p.epoch,
                                                                                       epoch_end=False):
                 self.checkpointer.save(self, p.step)  # a step that ends the epoch is saved there, once
+        self.stop_vote.settle()  # stepping ended with a vote in flight: a stop now is after the last step
         return {**self.task.reduce(self.epoch_sums.value()), "complete": done >= batches}
 
     def optimizer_step(self) -> None:

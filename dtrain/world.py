@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -318,6 +318,18 @@ def main_first(world: World) -> Iterator[None]:
 def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest of every rank's `value`, on every rank (which stop signal arrived anywhere, say)."""
     return max_each_over_ranks([value], device)[0]
+
+
+def start_max_over_ranks(value: int, device: torch.device) -> Callable[[], int]:
+    """`max_over_ranks` in the background: the all-reduce starts now, and calling what this returns waits
+    for it and gives the result. Every rank starts and reads the same ones, in the same order."""
+    t = torch.full((1,), value, dtype=torch.int64, device=device)  # a fill: no copy from the host to wait on
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+
+    def result() -> int:
+        work.wait()
+        return int(t.item())
+    return result
 
 
 def max_each_over_ranks(values: list[int], device: torch.device) -> list[int]:

@@ -4,7 +4,9 @@ Faults (a killed rank, a kill mid-write, preemption signals, a full disk) lose n
 import json
 import os
 import pickle
+import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from dtrain import checkpoint as ckpt
 from dtrain import optim
 from dtrain import trainer as trainer_mod
 from dtrain.errors import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
+from dtrain.errors import Preempted
 from conftest import (CHILD_ENV, FAULTS, Run, assert_same_weights, final_state, make_trainer, params,
                       run_cli)
 
@@ -260,6 +263,58 @@ def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step_and_the_resume
     assert resumed.code == 0, resumed
     assert_same_weights(final_state(two_rank_reference), final_state(resumed), rtol=0, atol=0)
     assert without_timing(resumed.metrics) == without_timing(two_rank_reference.metrics)
+
+
+# Under DDP the ranks' vote on a stop, started after step kN, is read in step kN+1 after its backward. A stop
+# then undoes what that forward and backward changed which a checkpoint holds: training stops after step kN.
+def test_a_stop_agreed_in_the_next_step_undoes_its_random_draws_and_buffer_updates(monkeypatch):
+    from dtrain import world as w
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).train()
+    monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: signal.SIGUSR1)  # another rank's
+    vote = trainer_mod.StopVote(w.World(world_size=2), model)
+    rng, buffers = ckpt.rng_state(), {k: v.clone() for k, v in model.state_dict().items()}
+    vote.start(0)  # after step kN; this rank saw no signal
+    model(torch.randn(8, 4))  # step kN+1's forward: random draws, running statistics
+    with pytest.raises(Preempted) as stopped:
+        vote.settle()
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    assert torch.equal(torch.get_rng_state(), rng["torch"]) and random.getstate() == rng["python"]
+    assert_same_weights(dict(model.state_dict()), buffers, rtol=0, atol=0)
+    vote.settle()  # read once: nothing in flight any more
+
+
+def test_a_vote_without_a_stop_keeps_the_step_and_alone_a_signal_stops_at_once(monkeypatch):
+    from dtrain import world as w
+    model = torch.nn.BatchNorm1d(4).train()
+    monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: value)
+    vote = trainer_mod.StopVote(w.World(world_size=2), model)
+    vote.start(0)
+    model(torch.randn(8, 4))
+    vote.settle()
+    assert int(model.num_batches_tracked) == 1
+    alone = trainer_mod.StopVote(w.World(), model)
+    with pytest.raises(Preempted) as stopped:
+        alone.start(signal.SIGINT)
+    assert stopped.value.code == 130 and alone.pending is None
+
+
+@pytest.mark.slow
+# Stopped after step 30 and resumed to step 40. Saving every 10 steps, step 30 was saved before the vote was
+# read (and is not written twice); every 7, the stop writes it after the undone step 31's forward and backward.
+@pytest.mark.parametrize("save_every", [10, 7])
+def test_a_stop_on_two_ranks_resumes_exactly_with_batch_norm_and_dropout(tmp_path, save_every):
+    config = (*SMALL, "model=convnet", "model.dropout=0.3", "trainer.max_steps=40",
+              f"checkpoint.every_n_steps={save_every}")
+    reference = run_cli(tmp_path / "reference", *config, nproc=2)
+    assert reference.code == 0, reference
+    run = run_cli(tmp_path / "run", *config, nproc=2, target=(FAULTS,), env={"DTRAIN_FAULT": "usr1:1:23"})
+    assert run.code != 0 and f"exiting with {PREEMPTED_EXIT_CODE}" in run.out, run
+    assert "stopped by SIGUSR1 after step 30: checkpoint saved" in run.out, run
+    assert run.out.count("step-00000030.pt") == 1, run
+    resumed = run_cli(tmp_path / "run", *config, nproc=2)
+    assert resumed.code == 0 and "step-00000030.pt" in resumed.out, resumed
+    assert_same_weights(final_state(reference), final_state(resumed), rtol=0, atol=0)
+    assert without_timing(resumed.metrics) == without_timing(reference.metrics)
 
 
 @pytest.mark.slow
