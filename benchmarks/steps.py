@@ -8,6 +8,8 @@ table) measure everything else a user sees, start-up aside.
     python benchmarks/steps.py --model mlp3 --pairs 40
     torchrun --standalone --nproc_per_node=2 benchmarks/steps.py --model mlp3   # DDP against plain DDP
     python benchmarks/steps.py --device cuda --precision bf16
+    torchrun --standalone --nproc_per_node=2 benchmarks/steps.py --variant trainer.sync_every_n_steps=100000
+                                        # a third contestant: dtrain with these overrides (an ablation)
 
 dtrain runs as `python -m dtrain` would with throughput.py's overrides (logger on, plots and checkpoints
 off): its loader, loss, accuracy sums, optimizer step, schedule, logging every `log_every_n_steps` and the
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=30)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                        help="also dtrain with these further overrides (space-separated), in the same pairs")
     parser.add_argument("overrides", nargs="*", help="more dtrain overrides (trainer.sync_every_n_steps=1, say)")
     args = parser.parse_args()
     from dtrain import world as w
@@ -122,13 +126,19 @@ def main() -> None:
         contestants = [plain_epochs(args.model, args.batch, args.device, args.precision),
                        dtrain_epochs(args.model, args.batch, Path(tmp), args.device, args.precision,
                                      tuple(args.overrides))]
+        for i, variant in enumerate(args.variant):
+            extra = dtrain_epochs(args.model, args.batch, Path(tmp) / str(i), args.device, args.precision,
+                                  (*args.overrides, *variant.split()))
+            contestants.append(Epochs(f"dtrain {variant}", extra.run))
         rates = paired(contestants, args.pairs)
-    ratios = [d / p for d, p in zip(rates["dtrain"], rates["plain loop"])]
+    ratios = {c.name: [d / p for d, p in zip(rates[c.name], rates["plain loop"])] for c in contestants[1:]}
     if world.is_main:
-        quartiles = statistics.quantiles(ratios, n=4)
-        print(f"{args.model}, {world.world_size} process(es), {args.pairs} pairs: dtrain / plain loop "
-              f"{statistics.median(ratios):.3f} (quartiles {quartiles[0]:.3f}–{quartiles[2]:.3f})", file=sys.stderr)
-        print("RESULT " + json.dumps({"ratios": ratios, "samples_per_sec": rates}), flush=True)
+        for name, r in ratios.items():
+            quartiles = statistics.quantiles(r, n=4)
+            print(f"{args.model}, {world.world_size} process(es), {args.pairs} pairs: {name} / plain loop "
+                  f"{statistics.median(r):.3f} (quartiles {quartiles[0]:.3f}–{quartiles[2]:.3f})", file=sys.stderr)
+        print("RESULT " + json.dumps({"ratios": ratios.pop("dtrain"), "variants": ratios, "samples_per_sec": rates}),
+              flush=True)
 
 
 if __name__ == "__main__":
