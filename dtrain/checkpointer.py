@@ -98,7 +98,9 @@ class Checkpointer:
         written = dcp.temporary(self.folder / f"step-{step:08d}")
         self._on_main(lambda: (self.folder.mkdir(parents=True, exist_ok=True), dcp.remove(written)))
         try:
-            futures = dcp.write(written, dcp.sharded_state(trainer.model, trainer.optimizer), self.group, self.stager)
+            tensors = dcp.sharded_state(trainer.model, trainer.optimizer)
+            tensors["model"] = dcp.rank_0_buffers(trainer.model, tensors["model"])
+            futures = dcp.write(written, tensors, self.group, self.stager)
         except OSError as e:
             raise CheckpointError(f"could not write a checkpoint in {self.folder}: {e.strerror or e}; the "
                                   "checkpoints already there are untouched") from e

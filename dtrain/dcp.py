@@ -55,6 +55,24 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_sd, "optimizer": optim_sd}
 
 
+def rank_0_buffers(model: nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """`model_sd` with copies of rank 0's buffers in place of this rank's. After a forward the ranks'
+    buffers differ (each updates batch norm's statistics with its own batch; DDP hands out rank 0's at the
+    next forward's start), and DCP writes a replicated tensor from whichever rank its plan picks: the
+    checkpoint holds rank 0's, as a checkpoint file does. Copies, also because the next forward changes
+    the buffers in place while an asynchronous save's copy runs beside it (which only holds back the
+    optimizer's update of the parameters). Every rank calls it, at the same point."""
+    import torch.distributed as dist
+    live = {b.data_ptr() for b in model.buffers() if b.numel()}
+    copied = dict(model_sd)
+    for k, v in model_sd.items():
+        if type(v) is torch.Tensor and v.numel() and v.data_ptr() in live:
+            copied[k] = v.clone()
+            if dist.is_initialized():
+                dist.broadcast(copied[k], 0)
+    return copied
+
+
 def write(folder: Path, tensors: dict[str, Any], process_group=None, stager=None):
     """Every rank writes its shards of `tensors` into `folder`. With a `stager` (asynchronous; coordinated in
     `process_group`, off the training group) it returns at once two futures: the tensors copied (the

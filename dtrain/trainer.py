@@ -37,10 +37,11 @@ class Progress:
 class StopVote:
     """How the ranks agree on a stop signal (every trainer.sync_every_n_steps steps) without waiting for one
     another. Alone, a signal is acted on at once. Under DDP the all-reduce of the ranks' signals starts
-    after step kN and is read in step kN+1 after its backward (whose gradient all-reduce has waited for it
-    already) and before anything of that step is kept. A stop agreed there undoes what that forward and
-    backward changed that a checkpoint holds (the random states; buffers such as batch norm's running
-    statistics), so training stops after step kN, where waiting for the vote would have stopped it."""
+    after step kN and is read in step kN+1 after its (first micro-batch's) backward, whose gradient
+    all-reduce, if any, has waited for it already, and before anything of that step is kept. A stop agreed
+    there undoes what that forward and backward changed that a checkpoint holds (the random states;
+    buffers such as batch norm's running statistics), so training stops after step kN, where waiting for
+    the vote would have stopped it."""
 
     def __init__(self, world: w.World, model: nn.Module):
         self.world, self.model = world, model

@@ -94,6 +94,17 @@ def test_a_distributed_checkpoint_of_two_ranks_resumes_on_three_or_four(tmp_path
     assert_same_weights(weights(reference.dir), weights(run.dir))
 
 
+def test_a_distributed_checkpoint_copies_the_buffers_the_next_forward_changes_and_shares_the_rest():
+    from dtrain import dcp
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+    state = dcp.sharded_state(model, torch.optim.Adam(model.parameters()))
+    copied = dcp.rank_0_buffers(model, state["model"])
+    before = {k: v.clone() for k, v in copied.items()}
+    model(torch.randn(8, 3))  # the next step's forward, beside the copy
+    assert_same_weights(copied, before, rtol=0, atol=0)  # running statistics as they were at the save
+    assert copied["0.weight"].data_ptr() == model[0].weight.data_ptr()  # the optimizer's update waits for these
+
+
 @pytest.mark.slow  # in CI's slow tier: the default tier stays under 10 minutes
 def test_an_asynchronous_save_trains_the_same_records_its_stall_and_completes_before_the_end(tmp_path):
     common = (*SMALL, "dist.strategy=fsdp", "checkpoint.every_n_steps=5", "checkpoint.keep_last=3")
