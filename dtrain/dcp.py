@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dtrain import optim
+from dtrain import world as w
 
 STATE = "state.pt"
 METADATA = ".metadata"
@@ -62,15 +63,11 @@ def rank_0_buffers(model: nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]
     checkpoint holds rank 0's, as a checkpoint file does. Copies, also because the next forward changes
     the buffers in place while an asynchronous save's copy runs beside it (which only holds back the
     optimizer's update of the parameters). Every rank calls it, at the same point."""
-    import torch.distributed as dist
     live = {b.data_ptr() for b in model.buffers() if b.numel()}
-    copied = dict(model_sd)
-    for k, v in model_sd.items():
-        if type(v) is torch.Tensor and v.numel() and v.data_ptr() in live:
-            copied[k] = v.clone()
-            if dist.is_initialized():
-                dist.broadcast(copied[k], 0)
-    return copied
+    buffers = {k: v.clone() for k, v in model_sd.items()
+               if type(v) is torch.Tensor and v.numel() and v.data_ptr() in live}
+    w.broadcast_tensors(list(buffers.values()))
+    return {**model_sd, **buffers}
 
 
 def write(folder: Path, tensors: dict[str, Any], process_group=None, stager=None):

@@ -246,9 +246,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank `src`'s buffers (BatchNorm running stats drift apart after DDP's last
     forward, which broadcasts them only at its start)."""
+    broadcast_tensors(list(module.buffers()), src)
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Rank `src`'s values into `tensors` on every rank (each rank calls it with the same list)."""
     if dist.is_initialized():
-        for b in module.buffers():
-            dist.broadcast(b, src)
+        for t in tensors:
+            dist.broadcast(t, src)
 
 
 def collective_failure(e: BaseException) -> str | None:
