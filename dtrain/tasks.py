@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -222,21 +222,24 @@ class ExtraMetrics:
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
              precision: Precision = Precision.fp32, loss: Callable | None = None,
              limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it,
-             extra: Mapping[str, Any] | None = None) -> dict:
+             extra: Mapping[str, Any] | None = None, lockstep: bool = False) -> dict:
     """The task's metrics over the loader's samples on all ranks, each sample counted once. With
     `classes`, also the confusion matrix (rows: true class, columns: predicted), summed over ranks, its
     macro F1, and the macro AUC-ROC of every rank's class probabilities gathered together (exact AUC needs
-    all the scores; F1 needs only the summed confusion matrix). `extra`: the user's metrics by name."""
+    all the scores; F1 needs only the summed confusion matrix). `extra`: the user's metrics by name.
+    `lockstep`: every forward is a collective (a sharded model), so every rank runs as many as the rank
+    with the most batches; one whose batches ran out repeats a batch it has seen and counts nothing."""
     was_training = model.training
     model.eval()
     sums = task.zeros(world.device)
     extras = ExtraMetrics(extra or {}, world.device)
     confusion = torch.zeros(classes * classes, dtype=torch.int64, device=world.device)
     scores, labels = [], []
-    for i, (x, y) in enumerate(bar(loader)):
-        if limit and i >= limit:
-            break
-        x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+    for x, y in _batches(bar(loader), loader, world, limit, lockstep):
+        if y is None:  # this rank's shard is done, another's is not: a forward to keep them in step
+            with autocast(world.device, precision):
+                model(x)
+            continue
         with autocast(world.device, precision):
             out = model(x)
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
@@ -256,6 +259,32 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
         metrics["auc"] = macro_auc(w.all_gather_rows(torch.cat(scores) if scores else empty[0]),
                                    w.all_gather_rows(torch.cat(labels) if labels else empty[1]))
     return metrics
+
+
+def _batches(batches: Iterable, loader, world: w.World, limit: int, lockstep: bool) -> Iterator[tuple[Any, Any]]:
+    """The loader's (x, y) on the device, at most `limit` batches (0: all). In lockstep the ranks agree
+    before each batch whether any still has one (one tiny all-reduce: evaluation batches are large), and a
+    rank without one gets (a batch it already saw, None)."""
+    it, seen, i = iter(batches), None, 0
+    while True:
+        batch = next(it, None) if not limit or i < limit else None
+        i += 1
+        if lockstep and not w.max_over_ranks(int(batch is not None), world.device):
+            return
+        if batch is None:
+            if not lockstep:
+                return
+            yield (seen if seen is not None else _first_input(loader, world.device)), None
+            continue
+        x, y = batch
+        seen = x = x.to(world.device, non_blocking=True)
+        yield x, y.to(world.device, non_blocking=True)
+
+
+def _first_input(loader, device: torch.device) -> torch.Tensor:
+    """A batch of the data set's first input (for a rank whose shard of it is empty)."""
+    x = loader.dataset[0][0]
+    return torch.as_tensor(x).unsqueeze(0).to(device)
 
 
 @torch.no_grad()

@@ -204,7 +204,8 @@ class Trainer:
         tc = self.cfg.trainer
         return evaluate(self.model, loader, self.task, self.world, tc.precision, self.loss,
                         self.cfg.debug.limit_batches, classes=self.splits.out if self.task.classifies else 0,
-                        bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics)
+                        bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics,
+                        lockstep=self.strategy.lockstep_forward)
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
         penalty = optim.l1_penalty(self.parameters, self.cfg.optim.l1)

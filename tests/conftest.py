@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# Every default-tier test runs on the CPU whatever the host has: CUDA is hidden from this process and from
+# every process it starts (CHILD_ENV copies os.environ), before torch first looks for a device. Tests
+# marked `gpu` need DTRAIN_TEST_CUDA=1 (`DTRAIN_TEST_CUDA=1 pytest -m gpu`) and skip, saying so, without it.
+if os.environ.get("DTRAIN_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
              "HYDRA_FULL_ERROR": "0"}
 CHILD_ENV.pop("DTRAIN_RUN_ID", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A `gpu` test without a visible CUDA device is skipped with the reason (never silently passed)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    why = ("needs a CUDA device; the tests hide CUDA unless DTRAIN_TEST_CUDA=1 (DTRAIN_TEST_CUDA=1 pytest -m gpu)"
+           if os.environ.get("DTRAIN_TEST_CUDA") != "1" else "needs a CUDA device, and this host has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))
 
 
 def compose_dcfg(*overrides: str):

@@ -17,6 +17,7 @@ class Strategy:
     """One process's part in training a model: the defaults are those of a model every rank holds whole."""
 
     name = "single"
+    lockstep_forward = False  # True: every forward is a collective, so ranks must run the same number
 
     def __init__(self, world: w.World):
         self.world = world

@@ -24,6 +24,7 @@ from dtrain.strategy.base import Strategy, by_name
 
 class FSDP(Strategy):
     name = "fsdp"
+    lockstep_forward = True  # each block's forward all-gathers its parameters
 
     def __init__(self, world: w.World, shard: Iterable[str], reshard_after_forward: bool,
                  param_dtype: Optional[torch.dtype]):
