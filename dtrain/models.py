@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,19 @@ def blocks(cfg: ModelConfig) -> tuple[str, ...]:
     """The classes of a model's blocks: dtrain's own models name theirs; a user's model has none (the root)."""
     spec = MODELS.get(cfg.name) if cfg.factory == BUILTIN.get(cfg.name) else None
     return spec.blocks if spec is not None else ()
+
+
+def blocks_of(model: nn.Module, classes: Iterable[str], key: str = "dist.fsdp.shard") -> list[nn.Module]:
+    """The submodules of `model` whose class `classes` names, innermost first (FSDP2 shards children before
+    their parents). A name that matches no submodule is refused: a misspelt class would be ignored."""
+    names = list(classes)
+    found = [m for m in reversed(list(model.modules())) if m is not model and type(m).__name__ in names]
+    missing = [n for n in names if n not in {type(m).__name__ for m in found}]
+    if missing:
+        present = sorted({type(m).__name__ for m in model.modules() if m is not model})
+        raise ConfigError(f"{key}={names}: {type(model).__name__} has no submodule of class {missing[0]!r}; its "
+                          f"classes are {', '.join(present) or 'none (it has no submodules)'}")
+    return found
 
 
 def offers(task: str, shape: tuple[int, ...], out: int) -> dict:

@@ -86,9 +86,9 @@ def checkpoint_activations(model: nn.Module, blocks: tuple[str, ...] | list[str]
     model) keeps only its input in the forward and recomputes its activations in the backward. The
     composable form leaves parameter names (and so checkpoints) as they were."""
     from torch.distributed._composable import checkpoint
-    names = set(blocks)
-    targets = [m for m in model.modules() if m is not model and type(m).__name__ in names]
-    for module in targets or [model]:
+
+    from dtrain.models import blocks_of
+    for module in blocks_of(model, blocks) or [model]:
         checkpoint(module)
 
 

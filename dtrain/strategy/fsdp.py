@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dtrain import world as w
+from dtrain.models import blocks_of
 from dtrain.strategy.base import Strategy, by_name
 
 
@@ -38,7 +39,13 @@ class FSDP(Strategy):
         # bf16 parameters for compute, fp32 gradient reduction (sums of many small bf16 gradients lose bits)
         mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
             if self.param_dtype is not None else MixedPrecisionPolicy()
-        for block in blocks(model, self.shard):
+        if self.param_dtype is not None:
+            # Norms with running statistics (batch norm) stay fp32, as their fp32 buffers need, each its own
+            # FSDP unit whose inputs are cast to fp32 (torchtitan and Lightning keep norms in fp32 too).
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]:
+                fully_shard(norm, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=fp32)
+        for block in blocks_of(model, self.shard):
             fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=mp)
         return model
@@ -73,8 +80,3 @@ class FSDP(Strategy):
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
-def blocks(model: nn.Module, classes: Iterable[str]) -> list[nn.Module]:
-    """The submodules to shard on their own: those whose class `classes` names, innermost first (FSDP2
-    shards children before their parents); none: the root alone."""
-    names = set(classes)
-    return [m for m in reversed(list(model.modules())) if m is not model and type(m).__name__ in names]
