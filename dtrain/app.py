@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from dtrain import augment, config, data, logs, models, optim, validate
 from dtrain import world as w
 from dtrain.config import Config
-from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Preempted
+from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Diverged, Preempted
 
 
 def conf_dir() -> str:
@@ -107,6 +107,9 @@ def exit_code(fn: Callable[[], int | None], world: w.World, timeout_s: float = 0
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save
         report(f"{prefix(world)}dtrain: interrupted")
         return EXIT_INTERRUPTED
+    except Diverged as e:  # each rank says where its loss went, in one line: no traceback helps here
+        report(f"{prefix(world)}dtrain: error: {e}")
+        return EXIT_FAILED
     except BadInput as e:
         if world.is_main or not e.same_on_every_rank:  # say once what every rank found
             report(f"{'' if e.same_on_every_rank else prefix(world)}dtrain: error: {e}")

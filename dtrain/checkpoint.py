@@ -20,8 +20,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from dtrain import dcp
-from dtrain.errors import CheckpointError
+from dtrain import dcp, files
+from dtrain.errors import CheckpointError, first_line, os_error
 from dtrain.logs import log
 
 FORMAT_VERSION = 2  # 2: per-rank sums are [loss, count, *task extras]; precision is fp32|bf16|fp16
@@ -56,26 +56,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- files ------------------------------------------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_atomic_write = files.atomic_write  # a name of this module's own, which the fault tests replace
 
 
 def step_files(folder: Path) -> list[Path]:
@@ -87,9 +68,27 @@ def step_files(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _write_failed(folder: Path, e: OSError) -> CheckpointError:
-    return CheckpointError(f"could not write a checkpoint in {folder}: {e.strerror or e}; the checkpoints "
-                           "already there are untouched. Free space or fix the folder's permissions, then resume")
+def write_failed(folder: Path, e: BaseException, needed: int = 0) -> CheckpointError:
+    """The one line for a checkpoint the disk refused (full, read-only, gone), whatever layer raised it."""
+    return CheckpointError(f"could not write a checkpoint in {folder}: {why_not_written(folder, e, needed)}; the "
+                           "checkpoints already there are untouched. Free space or fix the folder's permissions, "
+                           "then resume")
+
+
+def why_not_written(folder: Path, e: BaseException, needed: int = 0) -> str:
+    """Why a write of about `needed` bytes into `folder` failed. torch.distributed.checkpoint passes each
+    rank's error on without its cause, so a full disk arrives as torch.save's 'unexpected pos' alone: then
+    the free space, measured now (the failed write's part still there), says whether it was the disk."""
+    why = first_line(e)
+    free = files.free_bytes(folder)
+    if os_error(e) is None and needed and free is not None and free < needed:
+        return (f"No space left on device (about {needed / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free; "
+                f"{why})")
+    return why
+
+
+def _refused_by_disk(e: BaseException) -> bool:
+    return os_error(e) is not None
 
 
 def save(folder: Path, state: dict, step: int, keep_last: int, is_best: bool) -> Path:
@@ -101,8 +100,11 @@ def save(folder: Path, state: dict, step: int, keep_last: int, is_best: bool) ->
         _atomic_write(folder / "latest", lambda f: f.write(path.name.encode()))
         if is_best:
             _atomic_write(folder / "best.pt", lambda f: f.write(path.read_bytes()))
-    except OSError as e:
-        raise _write_failed(folder, e) from e
+            (folder / "best").unlink(missing_ok=True)  # a distributed checkpoint's pointer, from another strategy
+    except (OSError, RuntimeError) as e:  # torch.save reports a refused write as a RuntimeError
+        if not _refused_by_disk(e):
+            raise
+        raise write_failed(folder, e) from e
     prune(folder, keep_last)
     return path
 
@@ -113,16 +115,19 @@ def publish(folder: Path, written: Path, state: dict, step: int, keep_last: int,
     path = folder / f"step-{step:08d}"
     try:
         _atomic_write(written / dcp.STATE, lambda f: torch.save({**state, "format": FORMAT_VERSION}, f))
-        dcp.fsync_tree(written)
+        files.fsync_tree(written)
         if path.exists():  # the same step saved again (a resumed run): the new one replaces it
             dcp.remove(path)
         os.replace(written, path)
-        _fsync_dir(folder)
+        files.fsync_dir(folder)
         _atomic_write(folder / "latest", lambda f: f.write(path.name.encode()))
         if is_best:  # a pointer: the folder it names is kept out of pruning
             _atomic_write(folder / "best", lambda f: f.write(path.name.encode()))
-    except OSError as e:
-        raise _write_failed(folder, e) from e
+            (folder / "best.pt").unlink(missing_ok=True)  # a checkpoint file's copy, from another strategy
+    except (OSError, RuntimeError) as e:
+        if not _refused_by_disk(e):
+            raise
+        raise write_failed(folder, e) from e
     prune(folder, keep_last)
     return path
 

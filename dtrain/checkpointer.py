@@ -6,6 +6,7 @@ themselves are dtrain/checkpoint.py's contract."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from torch import nn
 from dtrain import dcp, signals
 from dtrain import world as w
 from dtrain.checkpoint import (config_changes, find_resumable, follow_latest, load, publish, rng_state, save,
-                               seed_everything, set_rng_state)
+                               seed_everything, set_rng_state, why_not_written,
+                               write_failed)
 from dtrain.config import CheckpointConfig
 from dtrain.errors import CheckpointError, Preempted
 from dtrain.logs import log
@@ -43,6 +45,7 @@ class _Pending:
     is_best: bool
     publisher: Optional[threading.Thread] = None  # an asynchronous save publishes in the background
     error: Optional[str] = None
+    nbytes: int = 0  # what this rank writes
 
 
 class Checkpointer:
@@ -78,9 +81,10 @@ class Checkpointer:
         self.wait()  # the previous asynchronous save completes first
         ranks = w.gather_objects({"rng": rng_state(), **{k: v.cpu() for k, v in trainer.rank_state().items()}})
         is_best = False
-        if val is not None:
+        if val is not None:  # a NaN or infinite value never becomes the best
             value = val[self.monitor.removeprefix("val_")]
-            is_best = self.best is None or (value > self.best if self.higher_is_better else value < self.best)
+            is_best = math.isfinite(value) and (self.best is None or (
+                value > self.best if self.higher_is_better else value < self.best))
             self.best = value if is_best else self.best
         extra = {"best": self.best, "ranks": ranks, "world_size": self.world.world_size}
         if self.fmt == "dcp":
@@ -97,43 +101,71 @@ class Checkpointer:
         """Every rank writes its shards of a distributed checkpoint to a temporary folder."""
         written = dcp.temporary(self.folder / f"step-{step:08d}")
         self._on_main(lambda: (self.folder.mkdir(parents=True, exist_ok=True), dcp.remove(written)))
+        tensors = dcp.sharded_state(trainer.model, trainer.optimizer)
+        tensors["model"] = dcp.rank_0_buffers(trainer.model, tensors["model"])
         try:
-            tensors = dcp.sharded_state(trainer.model, trainer.optimizer)
-            tensors["model"] = dcp.rank_0_buffers(trainer.model, tensors["model"])
             futures = dcp.write(written, tensors, self.group, self.stager)
-        except OSError as e:
-            raise CheckpointError(f"could not write a checkpoint in {self.folder}: {e.strerror or e}; the "
-                                  "checkpoints already there are untouched") from e
+        except BaseException as e:  # a synchronous save fails on every rank together (DCP gathers the errors)
+            if not dcp.refused_by_disk(e):
+                raise
+            failed = write_failed(self.folder, e, dcp.local_bytes(tensors))
+            self._on_main(lambda: dcp.remove(written))
+            failed.same_on_every_rank = True
+            raise failed from None
         staged, future = futures or (None, None)
-        self.pending = _Pending(future, written, {**trainer.state_dict(weights=False), **extra}, step, is_best)
+        self.pending = _Pending(future, written, {**trainer.state_dict(weights=False), **extra}, step, is_best,
+                                nbytes=dcp.local_bytes(tensors))
         if future is None:
             return
         # The copy goes on while the next step's forward and backward run; its update waits for it.
         hook: list = []
-        hook.append(trainer.optimizer.register_step_pre_hook(lambda *_: self._until(staged, hook[0])))
+        hook.append(trainer.optimizer.register_step_pre_hook(lambda *_: self._until(self.pending, staged, hook[0])))
         self.pending.publisher = threading.Thread(target=self._publish, args=(self.pending,), daemon=True,
                                                   name="dtrain-checkpoint")  # the main rank publishes, off the loop
         self.pending.publisher.start()
 
-    def _until(self, staged, hook) -> None:
-        """Before the optimizer changes what is being copied: the copy done (the wait counts as a stall)."""
+    def _until(self, pending: _Pending, staged, hook) -> None:
+        """Before the optimizer changes what is being copied: the copy done (the wait counts as a stall). A
+        copy that failed is the save's failure, reported by the next agreement (`failed`) or `wait`."""
         start = time.perf_counter()
-        staged.result()
+        try:
+            staged.result()
+        except dcp.failures() as e:  # reported by `wait`
+            pending.error = pending.error or why_not_written(self.folder, e, pending.nbytes)
         hook.remove()
         self.stall_s += time.perf_counter() - start
 
     def _publish(self, pending: _Pending) -> None:
-        """Wait for this rank's shards, then for every rank's (in the save's own group), then publish."""
+        """Wait for this rank's shards, learn whether every rank's were written (in the save's own group, so
+        that no rank waits for one that failed), then the main rank publishes, or removes the temporary
+        folder of a save that failed. Any failure is kept in `pending.error`, for `wait` to report."""
         try:
             if pending.future is not None:
                 pending.future.result()
-            w.barrier(self.group)
-            if self.world.is_main:
-                path = publish(self.folder, pending.written, pending.state, pending.step, self.cfg.keep_last,
-                               pending.is_best)
-                log.info(f"checkpoint: {path}" + (" (best)" if pending.is_best else ""))
-        except Exception as e:  # reported to every rank by `wait`
-            pending.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        except dcp.failures() as e:  # this thread must not die of it: `wait` reports it
+            pending.error = pending.error or why_not_written(self.folder, e, pending.nbytes)
+        errors = [e for e in w.gather_objects(pending.error, self.group) if e]
+        if not self.world.is_main:
+            return
+        try:
+            if errors:
+                pending.error = errors[0]
+                return
+            path = publish(self.folder, pending.written, pending.state, pending.step, self.cfg.keep_last,
+                           pending.is_best)
+            log.info(f"checkpoint: {path}" + (" (best)" if pending.is_best else ""))
+        except dcp.failures() as e:  # reported by `wait`
+            cause = e.__cause__ if isinstance(e, CheckpointError) and e.__cause__ is not None else e
+            pending.error = why_not_written(self.folder, cause, pending.nbytes)
+        finally:
+            if pending.error:
+                dcp.remove(pending.written)
+
+    @property
+    def failed(self) -> bool:
+        """Whether this rank knows the save being written in the background has failed (no collective: the
+        ranks agree on it with the stop signal, then `wait` reports it on every rank)."""
+        return self.pending is not None and self.pending.error is not None
 
     def wait(self) -> None:
         """The pending distributed checkpoint published (before the next save, at the end, and before a
@@ -147,8 +179,11 @@ class Checkpointer:
             pending.publisher.join()  # the copy is done too: it comes before the write
         errors = [e for e in w.gather_objects(pending.error) if e]
         if errors:
-            raise CheckpointError(f"could not write the checkpoint of step {pending.step} in {self.folder}: "
-                                  f"{errors[0]}; the checkpoints already there are untouched")
+            failed = CheckpointError(f"could not write the checkpoint of step {pending.step} in {self.folder}: "
+                                     f"{errors[0]}; the checkpoints already there are untouched. Free space or fix "
+                                     "the folder's permissions, then resume")
+            failed.same_on_every_rank = True
+            raise failed
 
     def _on_main(self, write: Callable[[], Any], is_best: Optional[bool] = None) -> None:
         """`write` on the main rank; every rank learns whether it failed, and fails with it."""
@@ -158,11 +193,19 @@ class Checkpointer:
                 path = write()
                 if is_best is not None:
                     log.info(f"checkpoint: {path}" + (" (best)" if is_best else ""))
-            except (CheckpointError, OSError) as e:
+            except CheckpointError as e:
                 error = str(e)
+            except OSError as e:
+                error = str(write_failed(self.folder, e))
         error = w.broadcast_object(error)
         if error:
-            raise CheckpointError(error)
+            failed = CheckpointError(error)
+            failed.same_on_every_rank = True
+            raise failed
+
+    def best_name(self) -> Optional[str]:
+        """What holds the best checkpoint in the folder: a file `best.pt`, a pointer `best`, or None."""
+        return next((name for name in ("best", "best.pt") if (self.folder / name).exists()), None)
 
     def take_stall(self) -> float:
         """Seconds the loop waited on saves since the last call."""

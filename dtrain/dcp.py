@@ -15,8 +15,8 @@ consolidated into one full state dict in a single process (inference, export).
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +29,20 @@ from dtrain import world as w
 
 STATE = "state.pt"
 METADATA = ".metadata"
+
+
+def refused_by_disk(e: BaseException) -> bool:
+    """Whether a save failed as a full disk or a read-only folder fails it: an OSError, or torch's
+    CheckpointException holding each rank's error (a BaseException, which `except Exception` misses;
+    checked by its module, which is loaded once DCP is used: importing it takes a second)."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return isinstance(e, OSError) or (api is not None and isinstance(e, api.CheckpointException))
+
+
+def failures() -> tuple[type[BaseException], ...]:
+    """What a save can fail with: any Exception, and torch's CheckpointException (a BaseException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    return Exception, CheckpointException
 
 
 @contextlib.contextmanager
@@ -55,6 +69,18 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optimizer": optim_sd}
+
+
+def local_bytes(state: Any) -> int:
+    """Bytes of this rank's part of the tensors in a (nested) state dict: what it writes of a checkpoint."""
+    if isinstance(state, dict):
+        return sum(local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(local_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
 
 
 def rank_0_buffers(model: nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
@@ -128,17 +154,6 @@ def _flatten(nested: dict, prefix: str = "") -> dict:
     for k, v in nested.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def fsync_tree(folder: Path) -> None:
-    """Make every file of `folder` durable (DCP writes them; a rename must not outrun their data)."""
-    for file in folder.iterdir():
-        if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def remove(path: Path) -> None:

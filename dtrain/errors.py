@@ -33,9 +33,46 @@ class WorldError(BadInput, RuntimeError):
     """The process world cannot be formed as asked."""
 
 
+class Diverged(FloatingPointError):
+    """The training loss or a validation metric became NaN or infinite: exit 1, one line naming where."""
+
+
 class Preempted(Exception):
     """A stop signal arrived on some rank; every rank stops after the same step and leaves with `code`."""
 
     def __init__(self, signum: int, code: int):
         super().__init__(signum)
         self.signum, self.code = signum, code
+
+
+def os_error(e: BaseException) -> "OSError | None":
+    """The OSError under `e`, if any: torch reports a write the disk refused as a RuntimeError raised while
+    handling it ("enforce fail at inline_container.cc"), and a distributed checkpoint as a
+    CheckpointException holding each rank's error."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict):  # torch.distributed.checkpoint's CheckpointException: rank -> (error, trace)
+            todo += [f[0] if isinstance(f, tuple) else f for _, f in sorted(failures.items())]
+        todo += [err.__cause__, err.__context__]
+    return None
+
+
+def first_line(e: BaseException) -> str:
+    """What went wrong, in one line: the OSError's reason where there is one, else the error's first line."""
+    found = os_error(e)
+    if found is not None:
+        return found.strerror or str(found)
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:  # a CheckpointException's own text is a traceback per rank
+        rank, failure = sorted(failures.items())[0]
+        e = failure[0] if isinstance(failure, tuple) else failure
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

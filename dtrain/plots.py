@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from dtrain import files
 from dtrain.errors import EXIT_BAD_INPUT, BadInput
 
 DPI = 100
@@ -85,7 +86,7 @@ def curves(folder: Path, out: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.suptitle(_title(folder))
     fig.tight_layout()
-    fig.savefig(out)
+    _save(fig, out)
     return True
 
 
@@ -111,14 +112,20 @@ def confusion(folder: Path, out: Path) -> bool:
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     ax.set(xlabel="predicted", ylabel="true", title=f"validation confusion matrix (accuracy {accuracy:.4f})")
     fig.tight_layout()
-    fig.savefig(out)
+    _save(fig, out)
     return True
+
+
+def _save(fig, out: Path) -> None:
+    """Written whole or not at all (files.atomic_write); a refused write raises."""
+    files.atomic_write(out, lambda f: fig.savefig(f, format=out.suffix.removeprefix(".") or "png"))
 
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
                  classes: Optional[list[str]] = None) -> None:
-    with open(path, "wb") as f:  # a file object: np.savez would add .npz to a name without it
-        np.savez(f, images=images, labels=labels, predicted=predicted, classes=np.array(classes or []))
+    # a file object: np.savez would add .npz to a name without it
+    files.atomic_write(path, lambda f: np.savez(f, images=images, labels=labels, predicted=predicted,
+                                                 classes=np.array(classes or [])))
 
 
 def samples(folder: Path, out: Path) -> bool:
@@ -139,7 +146,7 @@ def samples(folder: Path, out: Path) -> bool:
         ax.axis("off")
     fig.suptitle("validation samples: true / predicted")
     fig.tight_layout()
-    fig.savefig(out)
+    _save(fig, out)
     return True
 
 
@@ -177,7 +184,7 @@ def compare(folders: list[Path], out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out)
+    _save(fig, out)
     return out
 
 

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import math
 import os
 import socket
 import sys
@@ -37,6 +38,7 @@ from typing import Any, Callable, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dtrain import files
 from dtrain import world as w
 from dtrain.errors import EXIT_BAD_INPUT, BadInput, WorldError
 
@@ -109,6 +111,32 @@ def _checked(path: Path, key: str) -> Path:
         print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     return _deepest_existing(path)
+
+
+def as_json(record: dict, what: str, indent: Optional[int] = None) -> str:
+    """`record` as strict JSON: a NaN or infinity becomes null (JSON has neither). A value JSON cannot hold
+    (a tensor a callback added) is one line naming its key."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    record = plain(record)
+    for key, value in record.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise CallbackError(f"{what}[{key!r}] is a {type(value).__name__}, which JSON cannot hold; a callback "
+                                "adding it must add numbers, strings, lists or dicts (a tensor: .item() or "
+                                ".tolist())") from None
+    return json.dumps(record, indent=indent, allow_nan=False)
+
+
+class CallbackError(BadInput):
+    """A callback broke its contract (a value the record cannot hold, state that cannot be saved)."""
+    same_on_every_rank = True
 
 
 class RunDir:
@@ -202,8 +230,9 @@ class RunDir:
             raise self.write_error(path, e) from e
 
     def write_text(self, path: Path, text: str, append: bool = False) -> None:
-        """Main process only; a full disk or a read-only folder becomes one clear RunFolderError."""
-        self.write(path, lambda: path.open("a" if append else "w").write(text))
+        """Main process only, atomically (or appended and fsynced); a full disk or a read-only folder
+        becomes one clear RunFolderError."""
+        self.write(path, lambda: files.append_text(path, text) if append else files.write_text(path, text))
 
     def write(self, path: Path, writer: Callable[[], Any]) -> Any:
         """`writer()` creates or changes `path`: on the main process only, tracked and guarded."""
@@ -223,7 +252,7 @@ class RunDir:
         self.write_text(self.config, resolved_yaml)
 
     def write_summary(self, summary: dict) -> None:
-        self.write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+        self.write_text(self.summary, as_json(summary, "summary", indent=2) + "\n")
 
     # -- after bad input ----------------------------------------------------------------------------
 

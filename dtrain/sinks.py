@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 
 from dtrain.config import LoggerConfig
 from dtrain.logs import duration, fmt, log
-from dtrain.rundir import RunDir
+from dtrain.rundir import RunDir, as_json
 from dtrain.world import World
 
 # -- metric sinks --------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ class JsonlSink:
 
     def write(self, kind: str, metrics: dict) -> None:
         if kind == "epoch":
-            self.run.write_text(self.path, json.dumps(metrics) + "\n", append=True)
+            self.run.write_text(self.path, as_json(metrics, "metrics") + "\n", append=True)
 
     def rewind(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run logs those epochs again)."""
@@ -54,9 +54,7 @@ class JsonlSink:
             lines = self.path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if json.loads(line)["step"] <= step]
             if len(kept) != len(lines):
-                tmp = self.path.with_suffix(".tmp")
-                self.run.write_text(tmp, "".join(kept))
-                tmp.replace(self.path)
+                self.run.write_text(self.path, "".join(kept))
 
     def close(self) -> None:
         pass

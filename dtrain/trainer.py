@@ -20,7 +20,7 @@ from dtrain import world as w
 from dtrain.build import Parts
 from dtrain.checkpoint import rng_state, set_rng_state
 from dtrain.config import as_dict
-from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
+from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged, Preempted
 from dtrain.logs import log
 from dtrain.signals import StopSignal
 from dtrain.tasks import EpochSums, autocast, evaluate
@@ -34,6 +34,9 @@ class Progress:
     samples_in_epoch: int = 0  # global samples of the current epoch already trained on
 
 
+SAVE_FAILED = 1 << 8  # in a vote, above every signal number: some rank's background checkpoint failed
+
+
 class StopVote:
     """How the ranks agree on a stop signal (every trainer.sync_every_n_steps steps) without waiting for one
     another. Alone, a signal is acted on at once. Under DDP the all-reduce of the ranks' signals starts
@@ -41,17 +44,19 @@ class StopVote:
     all-reduce, if any, has waited for it already, and before anything of that step is kept. A stop agreed
     there undoes what that forward and backward changed that a checkpoint holds (the random states;
     buffers such as batch norm's running statistics), so training stops after step kN, where waiting for
-    the vote would have stopped it."""
+    the vote would have stopped it. The same vote carries whether a rank's background checkpoint failed:
+    then every rank calls `on_failed_save`, which reports it (CheckpointError) on all of them."""
 
-    def __init__(self, world: w.World, model: nn.Module):
-        self.world, self.model = world, model
+    def __init__(self, world: w.World, model: nn.Module, on_failed_save: Callable[[], None]):
+        self.world, self.model, self.on_failed_save = world, model, on_failed_save
         self.pending: Optional[tuple[Callable[[], int], dict, list[torch.Tensor]]] = None  # vote, rng, buffers
 
-    def start(self, signum: int) -> None:
+    def start(self, signum: int, save_failed: bool = False) -> None:
+        value = signum | (SAVE_FAILED if save_failed else 0)
         if not self.world.distributed:
-            stop_if(w.max_over_ranks(signum, self.world.device))
+            self.act(w.max_over_ranks(value, self.world.device))
             return
-        self.pending = (w.start_max_over_ranks(signum, self.world.device), rng_state(),
+        self.pending = (w.start_max_over_ranks(value, self.world.device), rng_state(),
                         [b.detach().clone() for b in self.model.buffers()])
 
     def settle(self) -> None:
@@ -59,13 +64,18 @@ class StopVote:
         if self.pending is None:
             return
         (vote, rng, buffers), self.pending = self.pending, None
-        signum = vote()
-        if signum:
+        value = vote()
+        if value:
             set_rng_state(rng)
             with torch.no_grad():
                 for b, kept in zip(self.model.buffers(), buffers):
                     b.copy_(kept)
-            stop_if(signum)
+            self.act(value)
+
+    def act(self, value: int) -> None:
+        if value & SAVE_FAILED:
+            self.on_failed_save()
+        stop_if(value & ~SAVE_FAILED)
 
 
 def stop_if(signum: int) -> None:
@@ -83,7 +93,7 @@ class Trainer:
         self.forward = self.net  # what the step calls (tests and faults may wrap it)
         self.parameters = list(self.model.parameters())
         self.sync_every = self.cfg.trainer.sync_every_n_steps if self.world.distributed else 1  # local: free
-        self.stop_vote = StopVote(self.world, self.model)
+        self.stop_vote = StopVote(self.world, self.model, self.checkpointer.wait)
         self.progress = Progress()
         self.epoch_sums = EpochSums(self.task, self.world.device)  # this rank's, kept across a mid-epoch resume
         self.last_metrics: Optional[dict] = None
@@ -108,6 +118,7 @@ class Trainer:
                 t0, first = time.perf_counter(), p.step
                 self.callbacks.call("on_train_epoch_start", self)
                 train = self.train_epoch(stop)
+                self.check_finite(train["loss"], "mean training loss of the epoch")
                 epoch_time = time.perf_counter() - t0
                 train_time, train_samples = train_time + epoch_time, train_samples + train["samples"]
                 self.strategy.sync_buffers(self.model)  # every rank evaluates and saves rank 0's model
@@ -156,9 +167,8 @@ class Trainer:
                     out = self.forward(x)
                     loss = self.loss(out.float(), y)
                 if cfg.debug.detect_anomaly and not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {p.epoch + 1} step {p.step} batch {done - 1} "
-                        f"(rank {world.rank}); debug=anomaly stopped here")
+                    raise Diverged(f"the training loss is {loss.item()} at epoch {p.epoch + 1} step {p.step} batch "
+                                   f"{done - 1} (rank {world.rank}); debug=anomaly stopped at this first bad batch")
                 penalty = optim.l1_penalty(self.parameters, cfg.optim.l1)  # None unless optim.l1 > 0
                 objective = loss if penalty is None else loss + penalty
                 self.scaler.scale(objective / accum if accum > 1 else objective).backward()
@@ -173,7 +183,7 @@ class Trainer:
             if p.step % cfg.trainer.log_every_n_steps == 0:
                 self.log_step(loss.item(), **({} if penalty is None else {"l1_penalty": penalty.item()}))
             if p.step % self.sync_every == 0:
-                self.stop_vote.start(stop.received or 0)
+                self.stop_vote.start(stop.received or 0, self.checkpointer.failed)
             if not self.finished and done < batches and self.checkpointer.should_save(p.step, p.epoch,
                                                                                       epoch_end=False):
                 self.checkpointer.save(self, p.step)  # a step that ends the epoch is saved there, once
@@ -190,12 +200,17 @@ class Trainer:
         self.scheduler.step()
         self.progress.step += 1
 
+    def check_finite(self, loss: float, what: str = "training loss") -> None:
+        """Stop at a NaN or infinite loss, naming where (DDP averages gradients, so every rank's loss turns
+        non-finite together): checked on log steps and for every epoch, so before any checkpoint of it."""
+        if not math.isfinite(loss):
+            p = self.progress
+            raise Diverged(f"the {what} is {loss} at epoch {p.epoch + 1} step {p.step} (rank {self.world.rank}); "
+                           "lower optim.lr, set trainer.grad_clip, or find the first bad batch with debug=anomaly")
+
     def log_step(self, loss: float, **extra: float) -> None:
         p = self.progress
-        if not math.isfinite(loss):  # DDP averages gradients, so every rank's loss turns non-finite together
-            raise FloatingPointError(f"the training loss is {loss} at epoch {p.epoch + 1} step {p.step} (rank "
-                                     f"{self.world.rank}); lower optim.lr, set trainer.grad_clip, or find the first "
-                                     "bad batch with debug=anomaly")
+        self.check_finite(loss)
         metrics = {"epoch": p.epoch + 1, "step": p.step, "loss": loss, **extra, "lr": self.scheduler.get_last_lr()[0]}
         self.callbacks.call("on_log_step", self, metrics)
         self.logger.step(metrics)
@@ -234,7 +249,7 @@ class Trainer:
             test = self.evaluate(self.loaders.test, "test")
             summary.update({f"test_{k}": test[k] for k in names})
         summary.update(monitor=self.checkpointer.monitor, best=self.checkpointer.best, stopped_early=self.should_stop,
-                       best_checkpoint="best" if self.checkpointer.fmt == "dcp" else "best.pt",
+                       best_checkpoint=self.checkpointer.best_name(),
                        wall_time_s=wall, samples_per_sec=samples_per_sec, step_time_s=step_time,
                        world_size=self.world.world_size, num_nodes=self.world.num_nodes, device=str(self.world.device),
                        precision=cfg.trainer.precision.value,

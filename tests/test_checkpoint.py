@@ -265,13 +265,34 @@ def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step_and_the_resume
     assert without_timing(resumed.metrics) == without_timing(two_rank_reference.metrics)
 
 
+def no_failed_save() -> None:
+    raise AssertionError("no rank's background save failed")
+
+
+def test_a_vote_that_carries_a_failed_background_save_reports_it_on_every_rank(monkeypatch):
+    from dtrain import world as w
+    from dtrain.errors import CheckpointError
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: trainer_mod.SAVE_FAILED)  # another's
+
+    def report():
+        raise CheckpointError("could not write the checkpoint of step 30")
+    vote = trainer_mod.StopVote(w.World(world_size=2), model, report)
+    vote.start(0, save_failed=False)  # this rank's save went well; another rank's did not
+    with pytest.raises(CheckpointError, match="step 30"):
+        vote.settle()
+    alone = trainer_mod.StopVote(w.World(), model, report)
+    with pytest.raises(CheckpointError):
+        alone.start(0, save_failed=True)
+
+
 # Under DDP the ranks' vote on a stop, started after step kN, is read in step kN+1 after its backward. A stop
 # then undoes what that forward and backward changed which a checkpoint holds: training stops after step kN.
 def test_a_stop_agreed_in_the_next_step_undoes_its_random_draws_and_buffer_updates(monkeypatch):
     from dtrain import world as w
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).train()
     monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: signal.SIGUSR1)  # another rank's
-    vote = trainer_mod.StopVote(w.World(world_size=2), model)
+    vote = trainer_mod.StopVote(w.World(world_size=2), model, no_failed_save)
     rng, buffers = ckpt.rng_state(), {k: v.clone() for k, v in model.state_dict().items()}
     vote.start(0)  # after step kN; this rank saw no signal
     model(torch.randn(8, 4))  # step kN+1's forward: random draws, running statistics
@@ -287,12 +308,12 @@ def test_a_vote_without_a_stop_keeps_the_step_and_alone_a_signal_stops_at_once(m
     from dtrain import world as w
     model = torch.nn.BatchNorm1d(4).train()
     monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: value)
-    vote = trainer_mod.StopVote(w.World(world_size=2), model)
+    vote = trainer_mod.StopVote(w.World(world_size=2), model, no_failed_save)
     vote.start(0)
     model(torch.randn(8, 4))
     vote.settle()
     assert int(model.num_batches_tracked) == 1
-    alone = trainer_mod.StopVote(w.World(), model)
+    alone = trainer_mod.StopVote(w.World(), model, no_failed_save)
     with pytest.raises(Preempted) as stopped:
         alone.start(signal.SIGINT)
     assert stopped.value.code == 130 and alone.pending is None
