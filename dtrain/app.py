@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -34,6 +35,25 @@ def conf_dir() -> str:
 
 CONF_DIR = conf_dir()
 config.register()
+
+
+def compose(overrides: Sequence[str], hydra: bool = False, search: Sequence[Path] = ()) -> DictConfig:
+    """The config `python -m dtrain *overrides` runs, composed without running anything or making a folder
+    (`hydra`: with Hydra's own node, which says where the run folder will be; `search`: the user's own
+    config folders, searched after dtrain's). Hydra's errors (an unknown key or option, a wrong type)
+    become one-line ConfigErrors, an unknown key with the closest one there is."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    extra = [f"hydra.searchpath=[{','.join(f'file://{Path(d).absolute()}' for d in search)}]"] if search else []
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose("config", overrides=[*overrides, *extra], return_hydra_config=hydra)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+        line = f"{str(e).splitlines()[0].rstrip('.')}{cause}"
+        unknown = re.match(r"Could not override '([^']+)'", line)
+        raise ConfigError(line + (validate.closest_key(unknown.group(1)) if unknown else "")) from None
 
 
 def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config:

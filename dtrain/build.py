@@ -22,7 +22,7 @@ from dtrain import data, models, optim, perf, plugins, strategy, validate
 from dtrain import world as w
 from dtrain.checkpoint import seed_everything
 from dtrain.checkpointer import Checkpointer
-from dtrain.config import Config, Precision, as_dict
+from dtrain.config import Config, Precision, as_dict, flat
 from dtrain.errors import ConfigError
 from dtrain.sinks import Context, MetricLogger
 from dtrain.rundir import RunDir
@@ -62,6 +62,7 @@ class Parts:
     steps_per_epoch: int
     total_steps: int
     input_format: torch.memory_format = torch.preserve_format
+    custom_loss: bool = False  # the loss is the user's (named in its errors), not the task's
     extras: dict = field(default_factory=dict)
 
 
@@ -69,6 +70,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     tc, given = cfg.trainer, objects or Objects()
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     splits = data.build(cfg.data, world, _called(given.data, {"options": cfg.data, "world": world}))
+    agree_across_ranks(cfg, world, splits)
     task = TASKS[splits.task]
     input_format = perf.memory_format(tc.channels_last, splits.shape)
     model, plan, net = make_model(cfg, world, splits, given, input_format)
@@ -81,7 +83,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim, world.device.type,
                                       sharded=plan.name == "fsdp", sparse=optim.makes_sparse_gradients(model))
     monitor = task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
-    callbacks = cb.Callbacks({**user_callbacks(cfg, given.callbacks), **own_callbacks(cfg, run, splits, task, monitor)})
+    callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks), own_callbacks(cfg, run, splits, task, monitor))
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
     return Parts(
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
@@ -99,7 +101,20 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
                                   monitor=monitor, higher_is_better=task.higher_is_better(monitor), seed=cfg.seed,
                                   config=as_dict(cfg), fmt=validate.checkpoint_format(cfg),
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format)
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format,
+        custom_loss=given.loss is not None or cfg.loss is not None)
+
+
+def agree_across_ranks(cfg: Config, world: w.World, splits: data.Splits) -> None:
+    """Every rank trains the same config on data of the same size, or the replicas drift apart (other
+    overrides per rank) or a collective mismatches (another number of steps): refused before the first
+    collective of training, naming the first difference."""
+    sizes = {f"the {name} split's size": len(ds) if hasattr(ds, "__len__") else None
+             for name, ds in (("train", splits.train), ("val", splits.val), ("test", splits.test)) if ds is not None}
+    differs = w.first_disagreement({**flat(as_dict(cfg)), **sizes}) if world.distributed else None
+    if differs:
+        raise ConfigError(f"the ranks disagree on what to train: {differs}; give every rank the same overrides and "
+                          "the same data")
 
 
 def make_model(cfg: Config, world: w.World, splits: data.Splits, given: Objects,

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from dtrain.errors import ConfigError
+from dtrain import contracts
+from dtrain.errors import ConfigError, ContractError
 from dtrain.logs import log
 
 HOOKS = ("on_fit_start", "on_train_epoch_start", "on_log_step", "on_validation_end", "on_train_epoch_end",
@@ -60,13 +61,37 @@ class Callbacks:
         self._hooks = {hook: [(n, getattr(c, hook)) for n, c in self.named.items() if hasattr(c, hook)]
                        for hook in HOOKS}
 
+    @classmethod
+    def of(cls, users: dict[str, Any], own: dict[str, Any]) -> "Callbacks":
+        """The user's callbacks, then dtrain's own; a user's named like one of dtrain's is refused (it would
+        replace it, or be replaced)."""
+        clash = sorted(users.keys() & own.keys())
+        if clash:
+            raise ConfigError(f"callbacks.{clash[0]}: the name is taken by dtrain's own {type(own[clash[0]]).__name__} "
+                              f"callback; give yours another name (dtrain's own: {', '.join(own)})")
+        return cls({**users, **own})
+
     def call(self, hook: str, *args: Any) -> None:
         for name, method in self._hooks[hook]:
             with torch.profiler.record_function(f"callbacks.{name}.{hook}"):  # traced in profiles
                 method(*args)
 
     def state_dict(self) -> dict[str, Any]:
-        return {n: c.state_dict() for n, c in self.named.items() if hasattr(c, "state_dict")}
+        """Every callback's state, for a checkpoint: refused, naming the callback and the value, where a
+        checkpoint could not hold it (checked before anything is written)."""
+        states = {n: c.state_dict() for n, c in self.named.items() if hasattr(c, "state_dict")}
+        for name, state in states.items():
+            found = contracts.unsaveable(state, "state_dict()")
+            if found:
+                raise ContractError(f"callbacks.{name}: {type(self.named[name]).__name__}.{found}, which a checkpoint "
+                                    "cannot hold; keep tensors, numbers, strings, None and lists/dicts of them")
+        return states
+
+    def check_state(self) -> None:
+        """Each callback's state round-trips through a checkpoint's save and load (when the run starts)."""
+        for name, callback in self.named.items():
+            if hasattr(callback, "state_dict"):
+                contracts.check_callback_state(name, callback)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, callback in self.named.items():
@@ -154,10 +179,9 @@ class Memory(Callback):
     def on_fit_end(self, trainer, summary: dict) -> None:
         from dtrain import perf
         from dtrain import world as w
-        import resource  # Linux reports the peak resident set in KiB
         held = perf.state_bytes(trainer.model, trainer.optimizer)
         cuda = trainer.world.device.type == "cuda"
-        peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peaks = [perf.peak_rss_bytes(),
                  torch.cuda.max_memory_allocated(trainer.world.device) if cuda else 0]
         largest = w.max_each_over_ranks([*held.values(), *peaks], trainer.world.device)  # one collective
         summary["state_bytes_per_rank"] = dict(zip(held, largest))

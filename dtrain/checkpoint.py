@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dtrain import dcp, files
+from dtrain.config import flat
 from dtrain.errors import CheckpointError, first_line, os_error
 from dtrain.logs import log
 
@@ -179,6 +180,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
                                   f"{dcp.METADATA} and {dcp.STATE}); give a checkpoint (.../checkpoints/step-N.pt, "
                                   "step-N/ or best.pt), or resume=auto for a run folder's newest")
         state = _load_file(path / dcp.STATE, map_location, required=_CONTENTS.keys() - {"model", "optimizer"})
+        damaged = dcp.damage(path)
+        if damaged:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {damaged}")
         return {**state, "dcp": str(path)}
     return _load_file(path, map_location, required=_CONTENTS.keys())
 
@@ -195,9 +199,11 @@ def _load_file(path: Path, map_location, required) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist") from e
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "global" in str(e):  # the weights-only unpickler refused a class or function
-            raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
-                                  "plain values, which could run code when loaded; only load checkpoints "
-                                  "written by dtrain or another source you trust") from e
+            refused = CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
+                                      "plain values, which could run code when loaded; only load checkpoints "
+                                      "written by dtrain or another source you trust")
+            refused.unsafe = True  # whole, not corrupt: never set aside, never skipped for an older one
+            raise refused from e
         raise _corrupt(path, e) from e
     except Exception as e:  # torch reports damage as RuntimeError, EOFError, KeyError, IndexError, ...
         raise _corrupt(path, e) from e
@@ -234,10 +240,17 @@ def find_resumable(folder: Path) -> tuple[Path, dict] | None:
         try:
             return path, load(path)
         except CheckpointError as e:
+            if getattr(e, "unsafe", False):
+                raise
             # Set it aside (kept for inspection) so it neither shadows nor outlives good checkpoints.
             aside = path.with_name(path.name + ".corrupt")
             path.rename(aside)
             log.warning(f"warning: {e}; moved it to {aside.name} and trying an older checkpoint")
+    set_aside = sorted(p.name for p in folder.glob("step-*.corrupt")) if folder.is_dir() else []
+    if set_aside:  # checkpoints existed: starting from step 0 without a word would lose them
+        raise CheckpointError(f"no checkpoint in {folder} can be loaded ({', '.join(set_aside)} set aside as "
+                              "corrupt); resume=none starts over in this run folder, resume=PATH uses another "
+                              "checkpoint")
     return None
 
 
@@ -252,12 +265,6 @@ OPERATIONAL = ("resume", "name", "trainer.device", "trainer.log_every_n_steps", 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
     """The training values that differ between two configs (as config.as_dict gives them)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
     def operational(key: str) -> bool:
         return any(key == o or o.endswith(".") and key.startswith(o) for o in OPERATIONAL)
 

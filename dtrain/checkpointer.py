@@ -234,9 +234,19 @@ class Checkpointer:
         if resume == "none" or resume in ("auto", "last") and not self.enabled:
             return None
         if resume in ("auto", "last"):  # for last, the run folder already is the newest run's (rundir.folder_id)
-            # The main rank picks the newest good checkpoint, so all ranks load the same one.
-            found = find_resumable(self.folder) if self.world.is_main else None
-            path = w.broadcast_object(str(found[0]) if found else None)
+            # The main rank picks the newest good checkpoint, so all ranks load the same one (or fail together).
+            path, error = None, None
+            if self.world.is_main:
+                try:
+                    found = find_resumable(self.folder)
+                    path = str(found[0]) if found else None
+                except CheckpointError as e:
+                    error = str(e)
+            path, error = w.broadcast_object((path, error))
+            if error:
+                refused = CheckpointError(error)
+                refused.same_on_every_rank = True
+                raise refused
             if path is None:
                 return None
         else:

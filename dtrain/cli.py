@@ -24,7 +24,7 @@ from dtrain.rundir import RunDir
 def main(dcfg: DictConfig) -> None:
     run = RunDir(Path(HydraConfig.get().runtime.output_dir), w.from_launcher())
     code = app.start(lambda: app.make_config(dcfg), lambda cfg, world: runs.run_training(cfg, world, run, dcfg))
-    if code == EXIT_BAD_INPUT:
+    if code == EXIT_BAD_INPUT or code and not run.training_started:
         run.discard_if_resultless()
     if code:
         sys.exit(code)

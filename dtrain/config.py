@@ -328,3 +328,11 @@ def as_dict(cfg: Any) -> Any:
     if isinstance(cfg, (list, tuple)):
         return [as_dict(v) for v in cfg]
     return cfg
+
+
+def flat(d: Mapping, prefix: str = "") -> dict:
+    """A nested dict (as `as_dict` gives) as dotted keys: {"optim.lr": 0.001, ...}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out

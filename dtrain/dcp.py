@@ -58,6 +58,28 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / METADATA).is_file() and (path / STATE).is_file()
 
 
+def damage(path: Path) -> Optional[str]:
+    """What makes a distributed checkpoint's folder unreadable, or None: `.metadata` must load, and every
+    shard file it names must exist and hold the bytes it says (a truncated or missing rank's file is found
+    here, before any rank starts loading it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        with _one_process_is_fine():
+            metadata = FileSystemReader(str(path)).read_metadata()
+        needed: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # a truncated or foreign .metadata fails in many ways
+        return f"its {METADATA} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"its shard file {name} is missing"
+        if file.stat().st_size < size:
+            return f"its shard file {name} is truncated ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
 def temporary(path: Path) -> Path:
     """Where `path` is written before it counts (the same name on every rank)."""
     return path.with_name(f".{path.name}.tmp")

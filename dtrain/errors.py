@@ -29,6 +29,11 @@ class CheckpointError(BadInput, RuntimeError):
     """A checkpoint that cannot be written or used; the message names the file and what to do."""
 
 
+class ContractError(BadInput, TypeError):
+    """A user's model, loss, metric or callback broke dtrain's contract with it; the message names which and
+    what the contract is."""
+
+
 class WorldError(BadInput, RuntimeError):
     """The process world cannot be formed as asked."""
 

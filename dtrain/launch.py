@@ -60,28 +60,17 @@ class Plan:
 
 
 def compose(argv: list[str], with_hydra: bool = False):
-    """The config `python -m dtrain argv` would run, composed without running anything or making a folder
-    (with Hydra's own node: where the run folder will be). Hydra's errors (an unknown key or option, a
-    wrong type) become one-line ConfigErrors."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    overrides, extra = [], []
+    """The config `python -m dtrain argv` would run (app.compose), composed without running anything."""
+    overrides, search = [], []
     args = iter(argv)
     for arg in args:
         if arg in ("--config-dir", "-cd"):  # the user's own config folder, searched after dtrain's
-            extra.append(f"hydra.searchpath=[file://{Path(next(args, '')).absolute()}]")
+            search.append(Path(next(args, "")))
         elif arg.startswith("-"):
             raise ConfigError(f"{arg}: dtrain.launch takes key=value overrides and --config-dir DIR only")
         else:
             overrides.append(arg)
-    try:
-        with initialize_config_dir(config_dir=app.CONF_DIR, version_base="1.3"):
-            return hydra_compose("config", overrides=overrides + extra, return_hydra_config=with_hydra)
-    except (HydraException, OmegaConfBaseException) as e:
-        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
-        raise ConfigError(f"{str(e).splitlines()[0].rstrip('.')}{cause}") from e
+    return app.compose(overrides, hydra=with_hydra, search=search)
 
 
 def plan(cfg: Config, env: Mapping[str, str] = os.environ) -> Plan:
@@ -294,6 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     os.environ["DTRAIN_RUN_ID"] = p.run_id  # every worker, on every node, names the same run folder
+    if p.nproc_per_node > 1:  # as torchrun sets it, so a run stopped under one resumes bit-identically under the other
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if p.nnodes > 1:  # torchrun's shared store breaks restarts across nodes (pytorch#135712)
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if p.world_size == 1:

@@ -106,3 +106,17 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
             "optimizer": sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values()
                              if isinstance(v, torch.Tensor))}
     return {**held, "total": sum(held.values())}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, which is this process's own (getrusage's ru_maxrss
+    survives exec, so a run started from a larger process would report that process's peak); elsewhere
+    ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

@@ -57,6 +57,9 @@ def resolve(key: str, path: str) -> Callable:
     obj: Any = module
     for j, attr in enumerate(parts[i:], start=i):
         if not hasattr(obj, attr):
+            if inspect.ismodule(obj) and j < len(parts) - 1:  # a package path, not a name in a module
+                raise ConfigError(f"{key}._target_={path}: no module named {'.'.join(parts[:j + 1])!r} "
+                                  f"({'.'.join(parts[:j])} has no module or attribute {attr!r})")
             raise ConfigError(f"{key}._target_={path}: {'.'.join(parts[:j])} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     if not callable(obj):

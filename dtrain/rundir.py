@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 
 from dtrain import files
 from dtrain import world as w
-from dtrain.errors import EXIT_BAD_INPUT, BadInput, WorldError
+from dtrain.errors import EXIT_BAD_INPUT, BadInput, ContractError, WorldError
 
 # The deepest folder on the way to the run folder that existed before Hydra made it (see RecordExisting).
 _existed: dict[str, Path] = {}
@@ -58,19 +58,29 @@ def _deepest_existing(path: Path) -> Path:
     return path
 
 
+_runs_in_this_process = 1  # dtrain.fit and dtrain.api.train count their runs: each is a run of its own
+
+
 def folder_id(base: str = "", *, _root_: DictConfig) -> str:
     """The last part of the run folder (runs/<name>/<id>): a new id every launch agrees on
-    (world.shared_run_id), or with resume=last the newest run under `base` that has a checkpoint."""
-    return _folder_id(base, _root_.get("resume") == "last")
+    (world.shared_run_id; the second run of one process adds -2, and so on, which every rank of it
+    counts alike), or with resume=last the newest run under `base` that has a checkpoint."""
+    return _folder_id(base, _root_.get("resume") == "last", _runs_in_this_process)
 
 
-@functools.lru_cache(maxsize=None)  # the same answer every time Hydra resolves it in this process
-def _folder_id(base: str, last: bool) -> str:
+def next_run() -> None:
+    """A further run in this process (a second dtrain.fit): its folder id is a new one."""
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+
+
+@functools.lru_cache(maxsize=None)  # the same answer every time Hydra resolves it for one run
+def _folder_id(base: str, last: bool, run: int) -> str:
     if last and base:
         runs = list(Path(base).glob("*/checkpoints/latest"))
         if runs:
             return max(runs, key=lambda p: p.stat().st_mtime).parent.parent.name
-    return w.shared_run_id()
+    return w.shared_run_id() + (f"-{run}" if run > 1 else "")
 
 
 def sweep_id() -> str:
@@ -86,6 +96,9 @@ def check_creatable(path: Path, key: str = "hydra.run.dir") -> None:
     existing = _deepest_existing(path)
     if not existing.is_dir():
         raise RunFolderError(f"{key}={path}: {existing} is a file, not a folder; choose another run folder")
+    if path != existing and (link := existing / path.relative_to(existing).parts[0]).is_symlink():
+        raise RunFolderError(f"{key}={path}: {link} is a symbolic link to {os.readlink(link)}, which does not exist; "
+                             "create its target or choose another run folder")
     limit = os.pathconf(existing, "PC_NAME_MAX")
     for part in path.relative_to(existing).parts:
         if len(part.encode()) > limit:
@@ -113,6 +126,11 @@ def _checked(path: Path, key: str) -> Path:
     return _deepest_existing(path)
 
 
+def note_existing(path: Path) -> None:
+    """Before a run folder is made outside Hydra (dtrain.fit): what existed, as RecordExisting notes it."""
+    _existed["run"] = _deepest_existing(path)
+
+
 def as_json(record: dict, what: str, indent: Optional[int] = None) -> str:
     """`record` as strict JSON: a NaN or infinity becomes null (JSON has neither). A value JSON cannot hold
     (a tensor a callback added) is one line naming its key."""
@@ -128,15 +146,10 @@ def as_json(record: dict, what: str, indent: Optional[int] = None) -> str:
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
-            raise CallbackError(f"{what}[{key!r}] is a {type(value).__name__}, which JSON cannot hold; a callback "
+            raise ContractError(f"{what}[{key!r}] is a {type(value).__name__}, which JSON cannot hold; a callback "
                                 "adding it must add numbers, strings, lists or dicts (a tensor: .item() or "
                                 ".tolist())") from None
     return json.dumps(record, indent=indent, allow_nan=False)
-
-
-class CallbackError(BadInput):
-    """A callback broke its contract (a value the record cannot hold, state that cannot be saved)."""
-    same_on_every_rank = True
 
 
 class RunDir:
@@ -145,6 +158,7 @@ class RunDir:
         self.created: list[Path] = []  # files and folders this invocation made, in order
         self._lock: Optional[Any] = None
         self.taken_over_from = ""
+        self.training_started = False  # before it, a failure (bad input, a plug-in that raises) leaves nothing
 
     config = property(lambda self: self.path / "config.yaml")
     config_changes = property(lambda self: self.path / "config-changes.jsonl")

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 from dtrain import app, build, plugins, rundir
 from dtrain import world as w
 from dtrain.config import Config
-from dtrain.errors import EXIT_OK
+from dtrain.errors import EXIT_BAD_INPUT, EXIT_OK, ConfigError
 
 
 class TrainingFailed(SystemExit):
@@ -26,10 +26,17 @@ class TrainingFailed(SystemExit):
 
 
 def compose(*overrides: str, hydra: bool = False):
-    """The composed config (a DictConfig), as the command line would compose it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    with initialize_config_dir(config_dir=app.CONF_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
+    """The composed config (a DictConfig), as the command line would compose it (app.compose)."""
+    return app.compose(overrides, hydra=hydra)
+
+
+def _compose_or_fail(*overrides: str):
+    """compose(..., hydra=True) for a run: a config that cannot be composed is its one line and exit 2."""
+    try:
+        return compose(*overrides, hydra=True)
+    except ConfigError as e:
+        app.report(f"dtrain: error: {e}")
+        raise TrainingFailed(EXIT_BAD_INPUT) from None
 
 
 def make_config(*overrides: str) -> Config:
@@ -40,7 +47,7 @@ def make_config(*overrides: str) -> Config:
 def train(*overrides: str) -> dict:
     """Train in this process as `python -m dtrain *overrides` would (the same run folder, files and
     checks; under torchrun, one rank's share); the run's summary. Raises TrainingFailed on failure."""
-    return _run(compose(*overrides, hydra=True))
+    return _run(_compose_or_fail(*overrides))
 
 
 def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = None, callbacks: Iterable = (),
@@ -62,7 +69,7 @@ def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = No
     """
     objects = build.Objects(model, data, loss, dict(metrics) if metrics is not None else None, tuple(callbacks))
     parts = {"model": model, "data": data}
-    full = compose("~model", "~data", *overrides, hydra=True)  # dtrain's own model/data keys stay overridable
+    full = _compose_or_fail("~model", "~data", *overrides)  # dtrain's own model/data keys stay overridable
     from omegaconf import open_dict
     with open_dict(full):
         for key, obj in parts.items():
@@ -79,9 +86,12 @@ def _name(obj: Any) -> str:
 
 
 def _run(full, objects: Optional[build.Objects] = None, given: frozenset = frozenset()) -> dict:
-    """Train the composed config (with Hydra's own node) in this process."""
+    """Train the composed config (with Hydra's own node) in this process; the next call is a new run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
+    with open_dict(full):
+        full.hydra.run.dir = str(full.hydra.run.dir)  # resolved once: this run's folder, whatever runs next
+    rundir.next_run()
     HydraConfig.instance().set_config(full)
     dcfg = full.copy()
     with open_dict(dcfg):
@@ -95,10 +105,13 @@ def _run(full, objects: Optional[build.Objects] = None, given: frozenset = froze
     def make() -> Config:
         cfg = app.make_config(dcfg, given)
         rundir.check_creatable(run.path)
+        rundir.note_existing(run.path)  # what existed stays if this run fails before it trains
         run.path.mkdir(parents=True, exist_ok=True)
         return cfg
 
     code = app.start(make, body)
+    if code == EXIT_BAD_INPUT or code and not run.training_started:
+        run.discard_if_resultless()
     if code != EXIT_OK:
         raise TrainingFailed(code)
     return result[0]
@@ -124,6 +137,7 @@ def run_training(cfg: Config, world: w.World, run: rundir.RunDir, dcfg,
             "config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(list(hydra.overrides.task)),
             "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra}))})
         trainer = Trainer(build.parts(cfg, world, run, objects))
+        run.training_started = True  # from here a failure leaves its record (logs, checkpoints) in the folder
         try:
             return trainer.fit()
         finally:

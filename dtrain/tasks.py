@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dtrain import world as w
+from dtrain.contracts import run_metric
 from dtrain.config import Monitor, Precision
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Task:
     extras: tuple[str, ...]  # metrics beyond the loss, each a mean over samples
     extra_sums: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]  # (out, y) -> one sum per extra
     monitor: str  # the default metric best.pt is chosen by
+    # (outputs, targets, classes) of a first batch -> what breaks the task's contract with the model, or None
+    check: Callable[[torch.Tensor, torch.Tensor, int], Optional[str]]
     classifies: bool = False  # outputs are class scores: a confusion matrix and predictions make sense
 
     @property
@@ -129,18 +132,45 @@ class EpochSums:
         self.total.copy_(total) if total is not None else self.total.zero_()
 
 
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                   reduction: str = "mean") -> torch.Tensor:
+    try:
+        return F.cross_entropy(out, y, label_smoothing=label_smoothing, reduction=reduction)
+    except IndexError as e:  # a label past the outputs, in a batch after the first (on the CPU; CUDA asserts)
+        raise DataError(f"a class label is out of range for the model's {out.shape[1]} outputs ({e}); labels must "
+                        f"be 0..{out.shape[1] - 1}") from None
+
+
+def _classification_problem(out: torch.Tensor, y: torch.Tensor, classes: int) -> Optional[str]:
+    if out.ndim != 2 or out.shape[1] != classes:
+        return (f"the model's outputs have shape {list(out.shape)} but the data has {classes} classes: a classifier "
+                f"returns scores of shape [N, {classes}] (a model factory taking num_classes= is given it)")
+    if y.is_floating_point() or y.ndim != 1:
+        return (f"the targets are {y.dtype} of shape {list(y.shape)}: classification needs integer class labels of "
+                "shape [N] (or data.task=regression)")
+    lo, hi = int(y.min()), int(y.max())  # one host sync, on the first batch only
+    if lo < 0 or hi >= classes:
+        return f"a class label is {lo if lo < 0 else hi}, outside 0..{classes - 1} (the data has {classes} classes)"
+    return None
+
+
+def _regression_problem(out: torch.Tensor, y: torch.Tensor, classes: int) -> Optional[str]:
+    if out.shape[:1] != y.shape[:1] or out.numel() != y.numel():
+        return (f"the model's outputs have shape {list(out.shape)} but the targets {list(y.shape)}: a regression "
+                "model returns one value per target")
+    return None
+
+
 TASKS: dict[str, Task] = {
     "classification": Task(
-        "classification",
-        loss=lambda out, y, label_smoothing=0.0, reduction="mean": F.cross_entropy(
-            out, y, label_smoothing=label_smoothing, reduction=reduction),
+        "classification", loss=_cross_entropy,
         extras=("acc",), extra_sums=lambda out, y: [(out.argmax(1) == y).sum()], monitor="val_acc",
-        classifies=True),
+        check=_classification_problem, classifies=True),
     "regression": Task(
         "regression",
         loss=lambda out, y, label_smoothing=0.0, reduction="mean": F.mse_loss(out, _as_output(y, out),
                                                                                reduction=reduction),
-        extras=(), extra_sums=lambda out, y: [], monitor="val_loss"),
+        extras=(), extra_sums=lambda out, y: [], monitor="val_loss", check=_regression_problem),
 }
 
 
@@ -199,18 +229,18 @@ class ExtraMetrics:
             m.reset()
 
     def update(self, out: torch.Tensor, y: torch.Tensor) -> None:
-        for m in self.stateful.values():
-            m.update(out, y)
+        for name, m in self.stateful.items():
+            run_metric(name, lambda: m.update(out, y))
         if self.functions:
             n = len(y)
-            values = [torch.as_tensor(f(out, y), dtype=torch.float64, device=self.sums.device) * n
-                      for f in self.functions.values()]
+            values = [torch.as_tensor(run_metric(name, lambda: f(out, y)), dtype=torch.float64,
+                                      device=self.sums.device) * n for name, f in self.functions.items()]
             self.sums += torch.stack([*values, torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
 
     def compute(self) -> dict[str, float]:
         values = {}
         for name, m in self.stateful.items():
-            values[name] = float(m.compute())
+            values[name] = float(run_metric(name, m.compute))
             m.reset()
         if self.functions:
             totals = w.all_reduce_sum(self.sums.clone()).tolist()

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dtrain import logs, optim, plots
+from dtrain import contracts, logs, optim, plots
 from dtrain import world as w
 from dtrain.build import Parts
 from dtrain.checkpoint import rng_state, set_rng_state
@@ -99,6 +99,7 @@ class Trainer:
         self.last_metrics: Optional[dict] = None
         self.final_val: Optional[dict] = None
         self.should_stop = False  # a callback asks to stop after this epoch (the ranks agree)
+        self.checked = False  # whether the first batch's outputs and loss were checked
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class Trainer:
         stop = StopSignal(cfg.trainer.stop_grace_s)
         start, train_time, train_samples, val, first_step = time.perf_counter(), 0.0, 0, None, p.step
         self.callbacks.call("on_fit_start", self)
+        self.callbacks.check_state()  # before any epoch is spent: every checkpoint will hold it
         try:
             while p.epoch < cfg.trainer.epochs and not self.finished:
                 t0, first = time.perf_counter(), p.step
@@ -165,7 +167,12 @@ class Trainer:
             with self.strategy.no_sync(self.net, sync=boundary):  # micro-steps accumulate, the last reduces
                 with autocast(world.device, cfg.trainer.precision):
                     out = self.forward(x)
+                    if not self.checked:  # the first batch: what the model, loss and metrics give fits the task
+                        self.check_first_batch(out, y)
                     loss = self.loss(out.float(), y)
+                if not self.checked:
+                    contracts.check_loss(loss, self.loss, self.custom_loss)
+                    self.checked = True
                 if cfg.debug.detect_anomaly and not torch.isfinite(loss):
                     raise Diverged(f"the training loss is {loss.item()} at epoch {p.epoch + 1} step {p.step} batch "
                                    f"{done - 1} (rank {world.rank}); debug=anomaly stopped at this first bad batch")
@@ -189,6 +196,10 @@ class Trainer:
                 self.checkpointer.save(self, p.step)  # a step that ends the epoch is saved there, once
         self.stop_vote.settle()  # stepping ended with a vote in flight: a stop now is after the last step
         return {**self.task.reduce(self.epoch_sums.value()), "complete": done >= batches}
+
+    def check_first_batch(self, out, y: torch.Tensor) -> None:
+        contracts.check_outputs(self.model, out, y, self.task.check, self.splits.out)
+        contracts.check_metrics(self.metrics, out, y)
 
     def optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip:

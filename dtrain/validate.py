@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import plugins
 from dtrain import world as world_env
-from dtrain.config import (DATA_OFFERS, MODEL_OFFERS, Config, DataConfig, ModelConfig, Precision)
+from dtrain.config import DATA_OFFERS, MODEL_OFFERS, Config, DataConfig, ModelConfig, Precision, own_defaults
 from dtrain.errors import ConfigError
 
 
@@ -30,6 +30,27 @@ def to_object(cfg: DictConfig) -> Any:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from e
+
+
+def closest_key(key: str) -> str:
+    """' (did you mean KEY?)' for a key the schema lacks, naming the closest one it has, or a hint."""
+    def keys(schema: type, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(schema):
+            kind = typing.get_type_hints(schema).get(f.name)
+            out += keys(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else [f"{prefix}{f.name}"]
+        return out
+
+    group = key.split(".")[0]
+    free = group in ("model", "data", "loss", "metrics", "callbacks")  # their keys are their _target_'s arguments
+    known = keys(Config) + [f"{g}.{k}" for g, schema in (("model", ModelConfig), ("data", DataConfig))
+                            for k in own_defaults(schema)]
+    close = difflib.get_close_matches(key, [k for k in known if not free or k.startswith(f"{group}.")], n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    if free:
+        return f" (+{key}=... adds an argument for its _target_)"
+    return " (`python -m dtrain --cfg job` prints every key)"
 
 
 def refuse_unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:

@@ -284,6 +284,17 @@ def gather_objects(obj: Any, group=None) -> list[Any]:
     return out
 
 
+def first_disagreement(values: dict[str, Any]) -> str | None:
+    """Every rank's `values` compared with rank 0's, in one collective: the first key that differs, said as
+    'KEY is A on rank 0 but B on rank R', or None when all agree (the same answer on every rank)."""
+    ranks = gather_objects(values)
+    for rank, theirs in enumerate(ranks[1:], start=1):
+        for key in [*ranks[0], *(k for k in theirs if k not in ranks[0])]:  # in rank 0's order
+            if ranks[0].get(key) != theirs.get(key):
+                return f"{key} is {ranks[0].get(key)!r} on rank 0 but {theirs.get(key)!r} on rank {rank}"
+    return None
+
+
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `t` (ranks may hold different numbers), concatenated in rank order, on every rank."""
     if not dist.is_initialized():

@@ -158,3 +158,66 @@ def test_a_sweep_point_warned_by_submitits_signal_checkpoints_is_requeued_and_en
     assert "stopped by SIGUSR2 after step" in log and "resumed from" in log, log
     whole, warned = (Run(subprocess.CompletedProcess([], 0, "", ""), r) for r in (runs["whole"], runs["warned"]))
     assert_same_weights(final_state(whole), final_state(warned), rtol=0, atol=0)
+
+
+def wait_for(what: str, ready, job_id: str, timeout: float = 300) -> None:
+    """Until `ready()` holds; fails if the job ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        state = job(job_id).get("JobState")
+        if state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            assert ready(), f"job ended before {what}: {job(job_id)}"
+            return
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s: {job(job_id)}"
+        time.sleep(0.3)
+
+
+def latest_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    return int(latest.read_text().strip().removeprefix("step-").removesuffix(".pt")) if latest.exists() else -1
+
+
+SLOW_LAUNCH = {"DTRAIN_LAUNCH": f"{sys.executable} {FAULTS} --launch", "DTRAIN_FAULT": "slow:0:5"}
+
+
+def test_scancel_makes_the_job_checkpoint_its_current_step_and_end_without_requeueing(tmp_path):
+    job_id = submit(tmp_path, *SMALL, "trainer.epochs=3", "checkpoint.every_n_steps=7", env=SLOW_LAUNCH)
+    run = tmp_path / "runs" / "mlp3-synthetic" / f"job{job_id}"
+    wait_for("first checkpoint", lambda: latest_step(run) > 0, job_id)
+    subprocess.run(["scancel", job_id], env=CHILD_ENV, check=True, timeout=30)  # SIGTERM, as a user's scancel
+    info = wait(job_id)
+    deadline = time.monotonic() + 60  # the job is CANCELLED at once; its shell links the log once srun is done
+    while not (run / "slurm.out").exists():
+        assert time.monotonic() < deadline, (tmp_path / f"slurm-dtrain-cpu-{job_id}.out").read_text()
+        time.sleep(0.3)
+    log = (run / "slurm.out").read_text()
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+): checkpoint saved", log)
+    assert len(stopped) == 1, log
+    assert latest_step(run) == int(stopped[0]) and int(stopped[0]) < 75, log  # the step it stopped at, mid-training
+    assert "requeueing" not in log and "resumed from" not in log, log
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), info
+    time.sleep(15)  # longer than a requeue takes to show (cred_expire 10 s + a scheduler pass)
+    assert (job(job_id)["JobState"], job(job_id)["Restarts"]) == ("CANCELLED", "0")
+
+
+def test_a_job_warned_more_often_than_dtrain_max_requeues_checkpoints_and_fails_with_75_without_requeueing(tmp_path):
+    job_id = submit(tmp_path, *SMALL, "trainer.epochs=6", "checkpoint.every_n_steps=10",
+                    env={**SLOW_LAUNCH, "DTRAIN_MAX_REQUEUES": "1"})
+    run = tmp_path / "runs" / "mlp3-synthetic" / f"job{job_id}"
+    log = tmp_path / f"slurm-dtrain-cpu-{job_id}.out"
+    warned_at = []
+    for attempt in range(2):
+        # Warn once training runs (a checkpoint after any earlier stop, so the resumed run's handlers are up).
+        wait_for(f"a checkpoint in run {attempt + 1}", lambda: latest_step(run) > max(warned_at, default=0), job_id)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=CHILD_ENV, check=True, timeout=30)
+        wait_for(f"the stop of run {attempt + 1}",
+                 lambda: log.read_text().count("stopped by SIGUSR1 after step") > attempt, job_id)
+        warned_at.append(latest_step(run))
+    info = wait(job_id)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "1"), (info, text)
+    assert text.count("requeueing job") == 1 and text.count("resumed from") == 1, text
+    assert "not requeueing: already requeued 1 times (DTRAIN_MAX_REQUEUES)" in text, text
+    stops = [int(s) for s in re.findall(r"stopped by SIGUSR1 after step (\d+): checkpoint saved", text)]
+    assert stops == warned_at and stops[0] < stops[1] < 150, text  # each stop saved its step; training unfinished
+    assert not (run / "summary.json").exists()

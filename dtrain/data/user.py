@@ -41,6 +41,9 @@ def as_splits(made: Any, cfg: DataConfig) -> Splits:
         train, val = _subset(train, tr), _subset(train, va)
     x, y = _first_item(cfg, train)
     task = cfg.task.value if cfg.task is not None else ("classification" if _is_integer(y) else "regression")
+    if task == "classification" and not _is_integer(y):
+        raise ConfigError(f"data.task=classification but a target of {cfg.factory} is {y!r}: classification needs "
+                          "integer class labels 0..C-1 (use data.task=regression for values)")
     classes, out = _classes(cfg, made if isinstance(made, Dataset) else made["train"], train, task, y)
     return Splits(train, val, test, task, tuple(x.shape), out, classes,
                   input_dtype=str(x.dtype).removeprefix("torch."))
@@ -70,11 +73,19 @@ def _first_item(cfg: DataConfig, ds: Dataset) -> tuple[torch.Tensor, Any]:
         raise ConfigError(f"data: an item of {cfg.factory} is a {type(item).__name__}"
                           f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}; expected an "
                           "(input, target) pair")
+    if type(item[0]).__module__.startswith("PIL."):
+        raise ConfigError(f"data: an item of {cfg.factory} holds a PIL image; give the data set a transform that "
+                          "makes it a tensor (torchvision.transforms.PILToTensor(), or ToTensor() for floats in 0..1)")
     return torch.as_tensor(item[0]), item[1]
 
 
 def _is_integer(y: Any) -> bool:
-    return isinstance(y, int) or (isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex())
+    """Whether a target is an integer (a Python int, an integer tensor or NumPy value)."""
+    try:
+        t = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return not t.is_floating_point() and not t.is_complex()
 
 
 def _classes(cfg: DataConfig, source: Any, train: Dataset, task: str, y: Any) -> tuple[Optional[list[str]], int]:
