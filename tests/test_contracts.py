@@ -40,7 +40,6 @@ def test_a_shard_class_that_names_no_submodule_is_refused_naming_the_classes_the
 
 @pytest.mark.unit
 def test_a_record_holds_strict_json_with_null_for_nan_and_refuses_a_tensor_naming_its_key():
-    import json
 
     import torch
 
@@ -104,8 +103,8 @@ class TenClasses(Dataset):
 @pytest.mark.parametrize("model,data,overrides,message", [
     (TwoHeads(), pairs(), [], "dtrain: error: model: TwoHeads.forward returned a tuple; dtrain's step needs one tensor "
                               "of outputs from it"),
-    (nn.Linear(6, 3), pairs(), [], "model: Linear: the model's outputs have shape [16, 3] but the data has 2 classes: a "
-                                   "classifier returns scores of shape [N, 2]"),
+    (nn.Linear(6, 3), pairs(), [], "model: Linear: the model's outputs have shape [16, 3] but the data has 2 "
+                                   "classes: a classifier returns scores of shape [N, 2]"),
     (nn.Linear(6, 2), TenClasses(), [], "model: Linear: a class label is 4, outside 0..1 (the data has 2 classes)"),
     (nn.Linear(6, 2), TensorDataset(torch.randn(64, 6), torch.rand(64)), ["data.task=classification"],
      "data.task=classification but a target of "),
@@ -244,8 +243,8 @@ def test_when_no_checkpoint_loads_the_run_does_not_silently_start_over(tmp_path)
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "step-00000010.pt").write_bytes(b"half a file")
-    with pytest.raises(dtrain.errors.CheckpointError, match=r"no checkpoint in .* can be loaded \(step-00000010.pt.corrupt "
-                                                            r"set aside as corrupt\); resume=none starts over"):
+    with pytest.raises(dtrain.errors.CheckpointError, match=r"no checkpoint in .* can be loaded \(step-00000010.pt."
+                                                            r"corrupt set aside as corrupt\); resume=none starts over"):
         ckpt.find_resumable(folder)
     with pytest.raises(dtrain.errors.CheckpointError, match="no checkpoint in"):  # and on the next attempt too
         ckpt.find_resumable(folder)
