@@ -26,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -123,7 +125,34 @@ def _checked(path: Path, key: str) -> Path:
     except RunFolderError as e:  # Hydra would print its traceback for an exception raised here
         print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
-    return _deepest_existing(path)
+    return _existed_before_this_launch(path)
+
+
+def _existed_before_this_launch(path: Path) -> Path:
+    """The deepest folder on the way to `path` that existed before any process of this launch made it. Each
+    process of a launch (torchrun's ranks) decides alone, with no process group yet, and a slow one may look
+    after a fast one's Hydra made the folder: so the first process of the launch on this node records its
+    answer (a file under the temp folder named by the launch's run id and the path; a hard link makes the
+    first one win) before its Hydra makes anything, and every other process takes that answer."""
+    mine = _deepest_existing(path)
+    key = hashlib.sha256(f"{w.shared_run_id()}\0{path.absolute()}".encode()).hexdigest()[:20]
+    folder = Path(tempfile.gettempdir()) / f"dtrain-{os.getuid()}"
+    try:
+        folder.mkdir(exist_ok=True)
+        for old in folder.glob("existed-*"):  # records of launches long over
+            if time.time() - old.stat().st_mtime > 86400:
+                old.unlink(missing_ok=True)
+        record, tmp = folder / f"existed-{key}", folder / f".existed-{key}.{os.getpid()}"
+        tmp.write_text(str(mine))
+        try:
+            os.link(tmp, record)
+        except FileExistsError:
+            pass  # another process of this launch was first: its answer stands
+        finally:
+            tmp.unlink(missing_ok=True)
+        return Path(record.read_text())
+    except OSError:  # no writable temp folder: this process's own view
+        return mine
 
 
 def note_existing(path: Path) -> None:

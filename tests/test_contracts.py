@@ -288,3 +288,17 @@ def test_a_plugin_whose_constructor_raises_leaves_nothing_behind(tmp_path):
                   env={"PYTHONPATH": str(tmp_path)})
     assert run.code == 1 and "ValueError: bad" in run.err, run
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.unit
+def test_every_process_of_a_launch_takes_the_first_ones_view_of_what_existed_before_the_run_folder(tmp_path,
+                                                                                                  monkeypatch):
+    from dtrain import rundir
+    monkeypatch.setenv("DTRAIN_RUN_ID", f"launch-{tmp_path.name}")
+    run = tmp_path / "runs" / "a" / "b"
+    first = rundir._existed_before_this_launch(run)  # rank 0, before its Hydra makes the folder
+    run.mkdir(parents=True)  # rank 0's Hydra
+    late = rundir._existed_before_this_launch(run)  # rank 1 looks only now: it must not think the folder was there
+    assert first == late == tmp_path
+    monkeypatch.setenv("DTRAIN_RUN_ID", f"another-launch-{tmp_path.name}")
+    assert rundir._existed_before_this_launch(run) == run  # a later launch into the same folder: it existed
