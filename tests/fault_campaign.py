@@ -3,17 +3,22 @@
     python tests/fault_campaign.py [--faults 30] [--seed 0] [--workdir DIR]
 
 Faults: kill -9 of a rank at a random step (2 ranks under torchrun --max-restarts=1), SIGTERM, Ctrl-C
-(SIGINT), a corrupt newest checkpoint, a full disk while writing a checkpoint, a second job launched
-into a live run's folder, and SIGTERM or Ctrl-C sent to the whole process group of a job that streams its
-data through DataLoader worker processes (as SLURM, `timeout` and terminals send them). After each, the
-job is continued as a user would (the same command, or
-resume=last) and these invariants are checked:
+(SIGINT), a corrupt newest checkpoint, a full disk while writing a checkpoint (injected), a second job
+launched into a live run's folder, SIGTERM or Ctrl-C sent to the whole process group of a job that streams
+its data through DataLoader worker processes (as SLURM, `timeout` and terminals send them); on a real
+tmpfs mounted at the checkpoint folder (needs root; skipped, and counted so, without), the disk filled or
+made read-only at a random moment under checkpoint files, distributed checkpoints and asynchronous
+distributed checkpoints (FSDP, 2 ranks); uneven evaluation shards under FSDP on 2 and 3 ranks; and one
+rank given another override than the other. After each, the job is continued as a user would (the same
+command, or resume=last) and these invariants are checked:
 
 - no good checkpoint is lost or changed: every step file that existed keeps its bytes (or was pruned by
   keep_last after a newer one was written), and the newest good one is still there after the fault;
 - no foreign file is touched: a file of the user's inside the run folder and one beside it keep their bytes;
 - the continued run ends bit-identical (weights, atol=0) to an uninterrupted run of the same world size;
-- no process is left behind, and every command ends within its bound.
+- no process is left behind, and every command ends within its bound;
+- a fault the run cannot go on from is one line naming it and exit 2, and leaves `latest` naming a
+  checkpoint that loads, with no temporary checkpoint behind.
 
 Prints one line per fault and a table of counts; exits 1 if any invariant was violated.
 """
@@ -23,8 +28,10 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -59,18 +66,44 @@ def launch(cwd: Path, *args: str, nproc: int = 1, fault: str = "", restarts: int
     return proc.returncode, out, err, time.monotonic() - start
 
 
+SHARDED = ("dist.strategy=fsdp",)  # distributed checkpoints (a folder per step), 2 ranks
+ASYNC = (*SHARDED, "checkpoint.async_save=true")
+
+
 def weights(run: Path) -> dict:
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run / "checkpoints" / latest, weights_only=True)["model"]
+    """The newest checkpoint's model: a file's, or a distributed checkpoint's consolidated here."""
+    from dtrain import checkpoint
+    return checkpoint.weights(checkpoint.load(run / "checkpoints" / "latest"))
 
 
 def digest(path: Path) -> str:
+    if path.is_dir():  # a distributed checkpoint: every file's bytes, in name order
+        return hashlib.sha256(b"".join(digest(f).encode() for f in sorted(path.iterdir()))).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def step_files(run: Path) -> dict[str, str]:
     folder = run / "checkpoints"
-    return {p.name: digest(p) for p in folder.glob("step-*.pt")} if folder.is_dir() else {}
+    return {p.name: digest(p) for p in folder.glob("step-*") if not p.name.endswith(".corrupt")} \
+        if folder.is_dir() else {}
+
+
+def latest_step(run: Path) -> int:
+    try:
+        return int((run / "checkpoints" / "latest").read_text().strip().split("-")[1].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def mount_tmpfs(at: Path) -> bool:
+    at.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(at)], capture_output=True)
+    return done.returncode == 0
+
+
+def one_line_exit_2(code: int, err: str, nproc: int) -> bool:
+    """Exit 2 with dtrain's one line (torchrun itself exits 1 and reports each rank's code)."""
+    return (code == 2 if nproc == 1 else code == 1 and "exitcode  : 2" in err) and err.count("dtrain: error:") == 1
 
 
 def leftovers(run: Path) -> list[str]:
@@ -83,11 +116,13 @@ class Campaign:
         self.workdir, self.rng = workdir, random.Random(seed)
         self.violations: list[str] = []
         self.counts: collections.Counter = collections.Counter()
+        self.skipped: collections.Counter = collections.Counter()
         self.references = {n: self.reference(n) for n in (1, 2)}
         self.references["streamed"] = self.reference(1, *STREAMED)
+        self.references["sharded"] = self.reference(2, *SHARDED)
 
     def reference(self, nproc: int, *args: str) -> dict:
-        run = self.workdir / f"reference-{nproc}{'-streamed' if args else ''}"
+        run = self.workdir / f"reference-{nproc}{'-' + args[0].split('=')[-1] if args else ''}"
         code, out, err, _ = launch(self.workdir, f"hydra.run.dir={run}", *args, nproc=nproc)
         assert code == 0, err[-3000:]
         return weights(run)
@@ -97,7 +132,8 @@ class Campaign:
             self.violations.append(f"{name}: {detail}")
 
     def run_one(self, i: int, kind: str) -> None:
-        run, step = self.workdir / f"{i:02d}-{kind}", self.rng.randrange(5, STEPS - 2)
+        run, step = self.workdir / f"{i:02d}-{re.sub('[^a-z0-9]+', '-', kind.lower()).strip('-')}", \
+            self.rng.randrange(5, STEPS - 2)
         run.mkdir()
         mine, beside = run / "my-notes.txt", self.workdir / f"{i:02d}-beside.txt"
         mine.write_text(f"the user's own file {i}\n")
@@ -127,7 +163,13 @@ class Campaign:
                 newest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
                 newest.write_bytes(os.urandom(self.rng.randrange(1, 4000)))
                 before.pop(newest.name)
-            code, out, err, t = launch(run.parent.parent.parent if kind == "SIGINT" else run, at)
+                if not before:  # it was the only one: never a silent start from step 0
+                    code, out, err, t = launch(run, at)
+                    durations.append(t)
+                    self.check(name, code == 2 and "no checkpoint in" in err and err.count("\n") == 1,
+                               f"resuming with no good checkpoint exited {code}: {err[-300:]}")
+                    at = f"{at} resume=none"  # the user's choice: start over in this folder
+            code, out, err, t = launch(run.parent.parent.parent if kind == "SIGINT" else run, *at.split())
             durations.append(t)
             self.check(name, code == 0, f"continuing exited {code}: {err[-300:]}")
             self.kept(name, run, before)
@@ -158,6 +200,63 @@ class Campaign:
             durations.append(t)
             self.check(name, code == 0, f"continuing exited {code}")
             self.kept(name, run, before)
+        elif kind.startswith(("full disk (", "read-only (")):  # a real file system, filled or made read-only
+            args = {"file": (), "DCP": SHARDED, "DCP async": ASYNC}[kind.split("(")[1].rstrip(")")]
+            procs, folder = (2 if args else 1), run / "checkpoints"
+            if not mount_tmpfs(folder):
+                self.skipped[kind] += 1
+                print(f"{name:28s} skipped (mounting a tmpfs needs root)", flush=True)
+                return
+            try:
+                step = self.rng.randrange(5, STEPS - 12)
+                name = f"#{i} {kind}@{step}"
+                live = launch(run, at, *args, nproc=procs, fault=f"slow:0:{step}", wait=False)
+                start = time.monotonic()
+                while latest_step(run) < step // 5 * 5 and live.poll() is None and time.monotonic() - start < BOUND_S:
+                    time.sleep(0.05)
+                if kind.startswith("full disk"):
+                    subprocess.run(["sh", "-c", f"cat /dev/zero > {folder / 'filler'}"], capture_output=True)
+                else:
+                    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+                out, err = live.communicate(timeout=BOUND_S)
+                durations.append(time.monotonic() - start)
+                self.check(name, one_line_exit_2(live.returncode, err, procs) and "could not write" in err
+                           and "Exception in thread" not in err, f"the fault exited {live.returncode}: {err[-400:]}")
+                self.check(name, not list(folder.glob(".*.tmp*")), "a temporary checkpoint was left behind")
+                before = step_files(run)
+                weights(run)  # latest loads
+                if kind.startswith("full disk"):
+                    (folder / "filler").unlink()
+                else:
+                    subprocess.run(["mount", "-o", "remount,rw", str(folder)], check=True)
+                code, out, err, t = launch(run, at, *args, nproc=procs)
+                durations.append(t)
+                self.check(name, code == 0, f"continuing exited {code}: {err[-300:]}")
+                self.kept(name, run, before)
+                final = weights(run)
+            finally:
+                subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+            return self.finish(name, kind, run, "sharded" if args else 1, final, foreign, durations)
+        elif kind.startswith("uneven shards"):  # every forward a collective; val 65 = 33 + 32 or 22 + 22 + 21
+            nproc = int(kind.split("(")[1][0])
+            sizes = ("data.batch_size=33", "data.eval_batch_size=63") if nproc == 3 else ()
+            code, out, err, t = launch(run, at, *SHARDED, "data.val_fraction=0.108", *sizes, "dist.timeout_s=30",
+                                       nproc=nproc)
+            durations.append(t)
+            self.check(name, code == 0, f"exited {code}: {err[-300:]}")
+            summary = json.loads((run / "summary.json").read_text()) if code == 0 else {}
+            self.check(name, summary.get("val_samples") == 65, f"val_samples {summary.get('val_samples')}, not 65")
+            return self.finish(name, kind, run, None, None, foreign, durations)
+        elif kind == "rank config mismatch":
+            nproc = 2
+            code, out, err, t = launch(run, at, nproc=2, fault="mismatch:1:0")
+            durations.append(t)
+            self.check(name, one_line_exit_2(code, err, 2) and "the ranks disagree on what to train: optim.lr" in err,
+                       f"the mismatch exited {code}: {err[-300:]}")
+            self.check(name, step_files(run) == {}, "a checkpoint was written")
+            code, out, err, t = launch(run, at, nproc=2)
+            durations.append(t)
+            self.check(name, code == 0, f"continuing exited {code}: {err[-300:]}")
         elif kind == "concurrent launch":
             live = launch(run, at, fault=f"hang:0:{step}", wait=False)
             start = time.monotonic()
@@ -178,10 +277,16 @@ class Campaign:
             self.check(name, code == 0 and "taking over" in out, f"taking over exited {code}")
             self.kept(name, run, before)
 
-        final = weights(run)
-        reference = self.references[nproc]
-        self.check(name, final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final),
-                   "the continued run did not end bit-identical to an uninterrupted one")
+        self.finish(name, kind, run, nproc, weights(run), foreign, durations)
+
+    def finish(self, name: str, kind: str, run: Path, nproc, final: dict | None, foreign: dict,
+               durations: list[float]) -> None:
+        """The invariants every fault ends with (nproc None: no continued run to compare)."""
+        if nproc is not None:
+            reference = self.references[nproc]
+            self.check(name, final.keys() == reference.keys() and all(torch.equal(final[k], reference[k])
+                                                                      for k in final),
+                       "the continued run did not end bit-identical to an uninterrupted one")
         for path, value in foreign.items():
             self.check(name, path.exists() and digest(path) == value, f"{path.name} was touched")
         self.check(name, not leftovers(run), f"processes left behind: {leftovers(run)}")
@@ -202,7 +307,9 @@ class Campaign:
 
 
 KINDS = ("SIGTERM", "SIGINT", "corrupt newest", "full disk", "concurrent launch", "kill -9", "group SIGTERM",
-         "group Ctrl-C")
+         "group Ctrl-C", "full disk (file)", "full disk (DCP)", "full disk (DCP async)", "read-only (file)",
+         "read-only (DCP)", "read-only (DCP async)", "uneven shards (2 FSDP ranks)", "uneven shards (3 FSDP ranks)",
+         "rank config mismatch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     campaign.rng.shuffle(kinds)
     for i, kind in enumerate(kinds):
         campaign.run_one(i, kind)
-    print("\n| fault | injected |\n|---|---|")
+    print("\n| fault | injected | skipped |\n|---|---|---|")
     for kind in KINDS:
-        print(f"| {kind} | {campaign.counts[kind]} |")
+        print(f"| {kind} | {campaign.counts[kind]} | {campaign.skipped[kind]} |")
     print(f"| **all** | {sum(campaign.counts.values())} |\n\nviolations: {len(campaign.violations)}")
     for v in campaign.violations:
         print("  " + v)

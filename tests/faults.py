@@ -10,7 +10,8 @@ DataLoader workers too); `killsave` SIGKILLs rank 0 half-way through writing the
 (inside the real atomic write); `enospc` fails that write as a full disk would (`enospc-summary`: the
 write of summary.json); `crashstop` raises and `slowstop` sleeps 30 s on rank RANK when a stop signal is
 saved; `diestart` ends rank RANK silently before the process group forms, `hangstart` hangs it before its
-first collective (STEP is ignored for these). Faults fire only in torchrun's first
+first collective, `mismatch` gives rank RANK the override optim.lr=0.002 (STEP is ignored for these).
+Faults fire only in torchrun's first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted group runs clean. DTRAIN_FAULT_COUNT_ALLREDUCE=1
 writes how many gradient all-reduces DDP ran to <run dir>/allreduce-rank<R>.txt; DTRAIN_DUMP_STATE=1
 saves each rank's final model state to <run dir>/state-rank<R>.pt. DTRAIN_LIST_THREADS=DIR writes the
@@ -67,6 +68,9 @@ def install() -> None:
                 return original_write(path, write)
 
             checkpoint._atomic_write = full_write
+
+        if action == "mismatch" and os.environ.get("RANK", "0") == rank:  # this rank alone trains other values
+            sys.argv.append("optim.lr=0.002")
 
         if action in ("diestart", "hangstart"):  # dies before the group forms, or hangs before its first collective
             from dtrain import world
