@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| fault | injected | skipped |\n|---|---|---|")
     for kind in KINDS:
         print(f"| {kind} | {campaign.counts[kind]} | {campaign.skipped[kind]} |")
-    print(f"| **all** | {sum(campaign.counts.values())} |\n\nviolations: {len(campaign.violations)}")
+    print(f"| **all** | {sum(campaign.counts.values())} | {sum(campaign.skipped.values())} |\n\nviolations: "
+          f"{len(campaign.violations)}")
     for v in campaign.violations:
         print("  " + v)
     return 1 if campaign.violations else 0

@@ -11,6 +11,8 @@ from dtrain import augment, data
 from dtrain import world as w
 from dtrain.errors import ConfigError
 
+pytestmark = pytest.mark.unit  # in-process and fast: `pytest -m unit`
+
 
 def images(n: int = 16, channels: int = 3, size: int = 20) -> torch.Tensor:
     return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(0),

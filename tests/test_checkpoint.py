@@ -77,6 +77,7 @@ def test_keep_last_prunes_old_checkpoints_and_best_is_kept_apart(tmp_path, quiet
     assert (best["step"], best["best"]) == (top["step"], top["val_acc"])
 
 
+@pytest.mark.unit
 def test_a_failed_write_leaves_no_partial_file_and_does_not_move_latest(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     ckpt.save(folder, {"model": {"w": torch.ones(2)}}, step=1, keep_last=3, is_best=False)
@@ -107,6 +108,7 @@ class Payload:
         return (os.system, (f"touch {Payload.marker}",))
 
 
+@pytest.mark.unit
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path):
     Payload.marker = tmp_path / "pwned"
@@ -132,6 +134,7 @@ def test_resuming_from_a_malicious_file_exits_with_one_clear_line(tmp_path):
     assert not Payload.marker.exists()
 
 
+@pytest.mark.unit
 def test_a_truncated_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_one_used(tmp_path, caplog):
     folder = tmp_path / "checkpoints"
     for step in (1, 2):
@@ -269,6 +272,7 @@ def no_failed_save() -> None:
     raise AssertionError("no rank's background save failed")
 
 
+@pytest.mark.unit
 def test_a_vote_that_carries_a_failed_background_save_reports_it_on_every_rank(monkeypatch):
     from dtrain import world as w
     from dtrain.errors import CheckpointError
@@ -288,6 +292,7 @@ def test_a_vote_that_carries_a_failed_background_save_reports_it_on_every_rank(m
 
 # Under DDP the ranks' vote on a stop, started after step kN, is read in step kN+1 after its backward. A stop
 # then undoes what that forward and backward changed which a checkpoint holds: training stops after step kN.
+@pytest.mark.unit
 def test_a_stop_agreed_in_the_next_step_undoes_its_random_draws_and_buffer_updates(monkeypatch):
     from dtrain import world as w
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).train()
@@ -304,6 +309,7 @@ def test_a_stop_agreed_in_the_next_step_undoes_its_random_draws_and_buffer_updat
     vote.settle()  # read once: nothing in flight any more
 
 
+@pytest.mark.unit
 def test_a_vote_without_a_stop_keeps_the_step_and_alone_a_signal_stops_at_once(monkeypatch):
     from dtrain import world as w
     model = torch.nn.BatchNorm1d(4).train()

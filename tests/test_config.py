@@ -13,6 +13,8 @@ from dtrain.app import CONF_DIR
 from dtrain.errors import ConfigError
 from conftest import make_config
 
+pytestmark = pytest.mark.unit  # in-process and fast: `pytest -m unit`
+
 
 def test_the_default_config_is_the_mlp_on_the_bundled_mnist_sample():
     cfg = make_config()

@@ -47,6 +47,7 @@ def write_cifar10(root, per_batch=10, n_test=10) -> None:
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": classes}))
 
 
+@pytest.mark.unit
 def test_bundled_mnist_sample_splits_9000_train_1000_val_the_same_way_every_time():
     cfg = make_config().data
     a, b = data.build(cfg, SINGLE), data.build(cfg, SINGLE)
@@ -58,6 +59,7 @@ def test_bundled_mnist_sample_splits_9000_train_1000_val_the_same_way_every_time
     assert abs(float(a.train.batch(slice(0, 512))[0].mean())) < 0.2  # normalised
 
 
+@pytest.mark.unit
 def test_full_mnist_loads_the_official_idx_files(tmp_path):
     write_mnist(tmp_path)
     splits = data.build(make_config("data=mnist", f"data.root={tmp_path}", "data.download=false").data, SINGLE)
@@ -65,6 +67,7 @@ def test_full_mnist_loads_the_official_idx_files(tmp_path):
     assert splits.test[3][0].shape == (1, 28, 28) and int(splits.test[3][1]) == 3
 
 
+@pytest.mark.unit
 def test_cifar10_loads_the_official_python_batches(tmp_path):
     write_cifar10(tmp_path)
     cfg = make_config("data=cifar10", f"data.root={tmp_path}", "data.download=false",
@@ -75,6 +78,7 @@ def test_cifar10_loads_the_official_python_batches(tmp_path):
     assert splits.test[4][0].shape == (3, 32, 32) and int(splits.test[4][1]) == 4
 
 
+@pytest.mark.unit
 def test_cifar10_files_that_fail_their_checksums_are_reported(tmp_path):
     write_cifar10(tmp_path)
     cfg = make_config("data=cifar10", f"data.root={tmp_path}", "data.download=false").data
@@ -82,6 +86,7 @@ def test_cifar10_files_that_fail_their_checksums_are_reported(tmp_path):
         data.build(cfg, SINGLE)
 
 
+@pytest.mark.unit
 def test_cifar10_augmentation_crops_and_flips_training_images_only(tmp_path):
     write_cifar10(tmp_path)
     cfg = make_config("data=cifar10", f"data.root={tmp_path}", "data.download=false",
@@ -97,6 +102,7 @@ def test_cifar10_augmentation_crops_and_flips_training_images_only(tmp_path):
     assert torch.equal(first, splits.val[0][0])  # evaluation is not augmented: the same image whatever the RNG
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,files", [("mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")])
 def test_a_missing_data_set_offline_names_the_files_and_where_to_put_them(tmp_path, name, files):
     cfg = make_config(f"data={name}", f"data.root={tmp_path}", "data.download=false").data
@@ -105,6 +111,7 @@ def test_a_missing_data_set_offline_names_the_files_and_where_to_put_them(tmp_pa
     assert str(tmp_path) in str(err.value)
 
 
+@pytest.mark.unit
 def test_a_data_root_that_does_not_exist_is_a_config_error(tmp_path):
     cfg = make_config("data=mnist", f"data.root={tmp_path}/nope").data
     with pytest.raises(ConfigError, match=r"data.root=.*does not exist"):
@@ -127,6 +134,7 @@ def test_imagefolder_reads_class_folders_through_worker_processes(tmp_path):
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode,suffix,decoder", [
     ("RGB", ".png", "torchvision"), ("L", ".png", "torchvision"), ("RGBA", ".png", "torchvision"),
     ("P", ".png", "torchvision"), ("RGB", ".jpg", "torchvision"), ("L", ".jpg", "torchvision"),
@@ -152,6 +160,7 @@ def test_an_image_file_reads_as_the_rgb_pixels_pil_sees_whichever_decoder_reads_
     assert (got.permute(1, 2, 0).int() - expected.int()).abs().max() <= (1 if suffix == ".jpg" else 0)
 
 
+@pytest.mark.unit
 def test_an_animated_gif_named_like_a_png_reads_as_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 6), colour) for colour in ((200, 0, 0), (0, 200, 0))]
     frames[0].save(tmp_path / "x.png", format="GIF", save_all=True, append_images=frames[1:])
@@ -159,6 +168,7 @@ def test_an_animated_gif_named_like_a_png_reads_as_its_first_frame(tmp_path):
     assert got.shape == (3, 6, 8) and got[:, 0, 0].tolist() == [200, 0, 0]
 
 
+@pytest.mark.unit
 def test_synthetic_data_takes_any_shape_and_class_count():
     cfg = make_config("data=synthetic", "data.shape=[5]", "data.num_classes=3", "data.num_samples=100").data
     splits = data.build(cfg, SINGLE)
@@ -167,6 +177,7 @@ def test_synthetic_data_takes_any_shape_and_class_count():
     assert set(splits.train.y.tolist()) <= {0, 1, 2}
 
 
+@pytest.mark.unit
 def test_regression_data_is_one_linear_relation_across_splits_with_the_noise_asked_for():
     def least_squares(cfg):
         splits = data.build(cfg, SINGLE)
@@ -188,6 +199,7 @@ def ranks(n):
     return [w.World(rank=r, world_size=n) for r in range(n)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(drop_last):
     ds = list(range(103))
@@ -203,6 +215,7 @@ def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(dr
     assert [list(s) for s in samplers] != shards
 
 
+@pytest.mark.unit
 def test_global_batches_hold_the_same_samples_whatever_the_world_size():
     ds, global_batch = list(range(64)), 8
 
@@ -218,6 +231,7 @@ def test_global_batches_hold_the_same_samples_whatever_the_world_size():
     assert batches(1) == batches(2) == batches(4)
 
 
+@pytest.mark.unit
 def test_a_sampler_resumed_mid_epoch_continues_from_the_saved_global_position():
     ds = list(range(40))
     full = data.TrainSampler(len(ds), SINGLE, shuffle=True, seed=0, drop_last=True)
@@ -229,11 +243,13 @@ def test_a_sampler_resumed_mid_epoch_continues_from_the_saved_global_position():
     assert sorted(i for h in halves for i in h) == sorted(order[16:])
 
 
+@pytest.mark.unit
 def test_evaluation_shards_count_every_sample_exactly_once():
     shards = [list(data.ShardSampler(10, r)) for r in ranks(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n,world_size,drop_last,shuffle", [(103, 4, True, True), (103, 4, False, True),
                                                             (10, 3, False, False), (2, 4, False, True),
                                                             (64, 2, True, True)])
@@ -258,6 +274,7 @@ def both_paths(*overrides):
     return out
 
 
+@pytest.mark.unit
 def test_the_device_path_and_the_dataloader_path_give_each_rank_the_same_batches():
     paths = both_paths()
     assert isinstance(paths["device"][0][0], data.DeviceLoader)
@@ -275,6 +292,7 @@ def test_the_device_path_and_the_dataloader_path_give_each_rank_the_same_batches
     assert evaluated == list(range(len(paths["device"][0][1].dataset)))  # every sample once
 
 
+@pytest.mark.unit
 def test_the_device_path_normalises_once_up_front_to_the_same_numbers_unless_it_augments():
     images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
     ds = data.Tensors(images, torch.arange(40), data.ToFloat([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]))
@@ -287,6 +305,7 @@ def test_the_device_path_normalises_once_up_front_to_the_same_numbers_unless_it_
     assert ds.prepared(limit_bytes=images.numel() * 4 - 1) is ds  # too big as floats: stays uint8
 
 
+@pytest.mark.unit
 def test_auto_puts_in_memory_data_on_the_device_and_files_on_the_dataloader(tmp_path):
     cfg = make_config()
     assert isinstance(data.train_loader(data.build(cfg.data, SINGLE).train, cfg, SINGLE), data.DeviceLoader)
@@ -295,6 +314,7 @@ def test_auto_puts_in_memory_data_on_the_device_and_files_on_the_dataloader(tmp_
         data.train_loader(torch.utils.data.TensorDataset(torch.zeros(100, 1)), cfg, SINGLE)
 
 
+@pytest.mark.unit
 def test_batched_crop_and_flip_cut_each_image_from_its_padded_self_and_a_resumed_epoch_repeats_them():
     images = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8)
     ds = data.Tensors(images, torch.arange(32), augment=augment.Augment([augment.Crop(2), augment.Flip()]))

@@ -118,6 +118,7 @@ def test_two_ranks_write_one_set_of_shared_files_one_wandb_run_and_a_log_and_tra
 
 # -- the console ------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_other_ranks_reach_the_console_with_errors_always_and_each_warning_once(tmp_path, capsys):
     from dtrain import logs
     from dtrain import world as w
@@ -138,6 +139,7 @@ def test_other_ranks_reach_the_console_with_errors_always_and_each_warning_once(
     assert logged.count("[rank 1] WARNING data loader is slow") == 3 and "[rank 1] INFO progress" in logged
 
 
+@pytest.mark.unit
 def test_python_warnings_reach_the_rank_log(tmp_path):
     import warnings
     from dtrain import logs
@@ -174,6 +176,7 @@ def test_a_forced_progress_bar_shows_epoch_loss_lr_and_throughput(tmp_path):
     assert "epoch 2 step 280 |" in run.out  # epoch lines stay
 
 
+@pytest.mark.unit
 def test_the_bar_follows_the_terminal_unless_set(tmp_path, monkeypatch, quiet_logs):
     from dtrain.sinks import ConsoleSink
     trainer = make_trainer(tmp_path, "debug=fast")
@@ -279,19 +282,34 @@ def test_regression_runs_draw_curves_without_a_confusion_matrix(tmp_path, quiet_
 
 # -- throughput and FLOPs ---------------------------------------------------------------------------
 
-def test_flops_are_counted_from_the_model_and_reported_per_epoch_and_in_the_summary(tmp_path, quiet_logs):
+# FLOPs to train on one sample, counted by hand: a Linear(a, b) forward is 2*a*b FLOPs (a multiply and an
+# add per weight; the bias add is not counted), training about 3 forwards (the backward costs two).
+HAND_COUNTED = {
+    "mlp3": (("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_samples=400"),
+             3 * 2 * (144 * 128 + 128 * 64 + 64 * 10)),  # 163,584: 144 -> 128 -> 64 -> 10
+    "linear": (("model=linear", "data=regression", "data.shape=[8]", "data.num_samples=400"), 3 * 2 * 8 * 1),  # 48
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_COUNTED))
+def test_flops_are_counted_from_the_model_and_reported_per_epoch_and_in_the_summary(tmp_path, quiet_logs, name):
     from dtrain import perf
-    trainer = make_trainer(tmp_path, "trainer.epochs=1", "logger=none", "trainer.device=cpu")
-    linears = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)]
+    overrides, flops = HAND_COUNTED[name]
+    trainer = make_trainer(tmp_path, *overrides, "data.batch_size=40", "trainer.epochs=2", "logger.plots=false",
+                           "trainer.device=cpu", "checkpoint.enabled=false")
     summary = trainer.fit()
     trainer.close()
-    throughput = trainer.callbacks.named["throughput"]  # a built-in callback
-    assert throughput.flops_per_sample == 3 * sum(2 * m.in_features * m.out_features for m in linears)
-    assert summary["flops_per_sec"] == pytest.approx(throughput.flops_per_sample * summary["samples_per_sec"])
+    assert trainer.callbacks.named["throughput"].flops_per_sample == flops  # a built-in callback
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 2
+    for reported in (*epochs, summary):
+        assert reported["samples_per_sec"] > 0
+        assert reported["flops_per_sec"] == pytest.approx(flops * reported["samples_per_sec"], rel=1e-9)
     assert summary["step_time_s"] > 0 and "mfu" not in summary  # no GPU peak on a CPU
     assert perf.peak_flops(torch.device("cpu"), True) is None
 
 
+@pytest.mark.unit
 def test_the_gpu_peak_table_matches_the_most_specific_name(monkeypatch):
     from dtrain import perf
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")

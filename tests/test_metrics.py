@@ -17,6 +17,7 @@ def confusion(y: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.T
     return torch.bincount(y * classes + predicted, minlength=classes * classes).view(classes, classes)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(3))
 def test_macro_f1_and_auc_equal_torchmetrics_on_scores_with_ties(seed):
     g = torch.Generator().manual_seed(seed)
@@ -31,6 +32,7 @@ def test_macro_f1_and_auc_equal_torchmetrics_on_scores_with_ties(seed):
                                                  abs=1e-6)
 
 
+@pytest.mark.unit
 def test_auc_is_one_for_a_perfect_ranking_zero_for_a_reversed_one_and_a_half_for_ties():
     y = torch.tensor([0, 0, 1, 1])
     ranked = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
@@ -39,6 +41,7 @@ def test_auc_is_one_for_a_perfect_ranking_zero_for_a_reversed_one_and_a_half_for
     assert macro_auc(torch.full((4, 2), 0.5), y) == 0.5
 
 
+@pytest.mark.unit
 def test_classes_that_never_occur_are_left_out_of_the_averages():
     y = torch.tensor([0, 0, 1, 1])  # class 2 never occurs and is never predicted
     scores = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
@@ -47,6 +50,27 @@ def test_classes_that_never_occur_are_left_out_of_the_averages():
     assert math.isnan(macro_auc(scores[:2], y[:2]))  # one class only: no AUC is defined
 
 
+def recomputed(model, loader, classes: int) -> dict:
+    """Accuracy, macro F1 and macro AUC of `model` over `loader`'s samples, by torchmetrics (per class) and
+    the averaging rule dtrain states: F1 over the classes that occur as a label or a prediction, AUC over
+    the classes with both positive and negative samples."""
+    outs, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            outs.append(model(x).float())
+            labels.append(y)
+    out, y = torch.cat(outs), torch.cat(labels)
+    predicted, positives = out.argmax(1), torch.bincount(y, minlength=classes)
+    f1 = multiclass_f1_score(predicted, y, classes, average=None)
+    auc = multiclass_auroc(out.softmax(1), y, classes, average=None)
+    occurs = (positives + torch.bincount(predicted, minlength=classes)) > 0
+    ranked = (positives > 0) & (positives < len(y))
+    return {"samples": len(y), "acc": (predicted == y).double().mean().item(), "f1": f1[occurs].mean().item(),
+            "auc": auc[ranked].mean().item(), "absent": int((~ranked).sum())}
+
+
+@pytest.mark.filterwarnings("ignore:No positive samples in targets")  # the absent classes, left out here
 def test_f1_and_auc_reach_metrics_jsonl_and_the_summary_for_validation_and_test(tmp_path, quiet_logs):
     trainer = make_trainer(tmp_path, "data=synthetic", "data.num_samples=300", "data.batch_size=30",
                            "data.eval_batch_size=30", "trainer.epochs=2", "logger.plots=false")
@@ -54,11 +78,18 @@ def test_f1_and_auc_reach_metrics_jsonl_and_the_summary_for_validation_and_test(
     trainer.close()
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"val_f1", "val_auc"} <= line.keys() and "train_f1" not in line
-    for key in ("val_f1", "val_auc", "test_f1", "test_auc"):
-        assert 0 <= summary[key] <= 1, key
-    assert summary["val_auc"] == pytest.approx(trainer.evaluate(trainer.loaders.val)["auc"])
+    # The final model's outputs, recomputed here and scored by torchmetrics, give what was reported.
+    val, test = (recomputed(trainer.model, loader, 10) for loader in (trainer.loaders.val, trainer.loaders.test))
+    assert val["samples"] == summary["val_samples"] == 30 and test["samples"] == 30
+    assert val["absent"] > 0 and test["absent"] > 0  # 10 classes, 30 samples: AUC leaves classes out
+    for split, expected in (("val", val), ("test", test)):
+        for key in ("acc", "f1", "auc"):
+            assert summary[f"{split}_{key}"] == pytest.approx(expected[key], abs=1e-6), f"{split}_{key}"
+    for key in ("val_acc", "val_f1", "val_auc"):  # the last epoch's line holds the same final validation
+        assert line[key] == pytest.approx(summary[key], abs=1e-12), key
 
 
+@pytest.mark.unit
 def test_best_pt_can_follow_f1_or_auc_but_a_regression_has_neither():
     assert TASKS["classification"].monitor_for(make_config("checkpoint.monitor=val_auc").checkpoint.monitor,
                                                "mnist_sample") == "val_auc"
@@ -71,6 +102,7 @@ def batch_by_batch(task, batches) -> torch.Tensor:
     return sum(task.batch_sums(task.loss(out, y), out, y) for out, y in batches)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("hold_bytes", [1, 500, 1 << 20])  # fold every batch, every few, once
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_epoch_sums_equal_the_batch_by_batch_sums_however_many_batches_they_hold(task, hold_bytes):
@@ -91,6 +123,7 @@ def test_epoch_sums_equal_the_batch_by_batch_sums_however_many_batches_they_hold
     assert torch.allclose(sums.value(), batch_by_batch(TASKS[task], batches), rtol=1e-12)
 
 
+@pytest.mark.unit
 def test_epoch_sums_keep_batches_whose_outputs_do_not_concatenate_and_hold_only_what_fits():
     task = TASKS["classification"]
     g = torch.Generator().manual_seed(1)
@@ -108,6 +141,7 @@ def test_epoch_sums_keep_batches_whose_outputs_do_not_concatenate_and_hold_only_
     assert held.value().tolist() == [0.0, 0.0, 0.0] and not held.outputs
 
 
+@pytest.mark.unit
 def test_epoch_sums_count_what_held_outputs_keep_alive_and_never_hold_one_batch_over_the_limit():
     task = TASKS["classification"]
     g = torch.Generator().manual_seed(2)

@@ -6,6 +6,8 @@ import torch
 from dtrain import models
 from dtrain.errors import ConfigError
 
+pytestmark = pytest.mark.unit  # in-process and fast: `pytest -m unit`
+
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32)]
 
 

@@ -12,6 +12,7 @@ from dtrain import callbacks, plugins
 from dtrain.errors import ConfigError
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides,message", [
     (["model._target_=nope.Net"], "model._target_=nope.Net: cannot import 'nope'"),
     (["model._target_=torch.nn.Nope"], "model._target_=torch.nn.Nope: torch.nn has no attribute 'Nope'"),
@@ -36,6 +37,7 @@ def test_a_target_that_cannot_work_is_refused_at_validation_naming_the_key(overr
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_what_a_factory_returns_must_be_what_its_key_expects(tmp_path, quiet_logs):
     with pytest.raises(ConfigError, match="model: builtins.dict returned a dict, not a torch.nn.Module"):
         make_trainer(tmp_path, "model._target_=builtins.dict")
@@ -49,6 +51,7 @@ def test_what_a_factory_returns_must_be_what_its_key_expects(tmp_path, quiet_log
         as_splits(torch.utils.data.TensorDataset(torch.zeros(4, 2)), DataConfig(factory="my.inputs"))
 
 
+@pytest.mark.unit
 def test_a_callback_with_a_misnamed_hook_or_half_its_state_is_refused():
     class Typo:
         def on_epoch_end(self, trainer):  # Lightning's old name: dtrain would never call it
@@ -65,6 +68,7 @@ def test_a_callback_with_a_misnamed_hook_or_half_its_state_is_refused():
         callbacks.Callbacks({"half": HalfState()})
 
 
+@pytest.mark.unit
 def test_dtrain_offers_a_model_the_datas_shape_and_classes_by_name_and_the_config_gives_the_rest(tmp_path,
                                                                                                 quiet_logs):
     trainer = make_trainer(tmp_path, "model._target_=torch.nn.Linear", "~model.dropout", "data=synthetic",
@@ -100,6 +104,7 @@ def test_a_bad_target_on_the_command_line_is_one_line_exit_2_and_no_run_folder(t
     assert list(tmp_path.iterdir()) == [] and "dtrain.launch:" not in proc.stdout  # no worker started
 
 
+@pytest.mark.unit
 def test_named_entries_can_be_removed_by_name_and_a_list_is_named_by_its_targets():
     cfg = make_config("+callbacks.a._target_=builtins.object", "+callbacks.b._target_=builtins.object",
                       "~callbacks.a")

@@ -4,6 +4,8 @@ features promise, checked on the CPU."""
 from __future__ import annotations
 
 import shutil
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +106,10 @@ def test_tf32_follows_the_config(tmp_path, quiet_logs):
         torch.backends.cuda.matmul.fp32_precision = before
 
 
-def test_ranks_agree_on_a_stop_every_n_steps_and_read_the_loss_only_on_log_steps(tmp_path, monkeypatch, quiet_logs):
+def test_the_stop_check_runs_every_sync_every_steps_and_the_loss_is_read_only_on_log_steps(tmp_path, monkeypatch,
+                                                                                           quiet_logs):
+    # One process, the collective replaced by a recorder: how often the loop asks. The real agreement of two
+    # ranks is test_two_ranks_agree_on_a_stop_every_n_steps_and_read_the_loss_only_on_log_steps.
     from dtrain import trainer as trainer_module
     checks, logged = [], []
     monkeypatch.setattr(trainer_module.w, "max_over_ranks", lambda value, device: checks.append(value) or value)
@@ -114,6 +119,56 @@ def test_ranks_agree_on_a_stop_every_n_steps_and_read_the_loss_only_on_log_steps
     trainer.fit()
     trainer.close()
     assert len(checks) == 4 and len(logged) == 2
+
+
+COUNTING = """
+import os, sys
+from pathlib import Path
+
+sys.path.insert(0, os.environ["DTRAIN_TESTS"])
+import faults  # DTRAIN_FAULT: the fault injection of tests/faults.py
+from dtrain import checkpointer, launch, trainer, world
+
+
+def note(what, value):  # one line per call, in <COUNT_DIR>/<what>-rank<R>.txt
+    with open(Path(os.environ["COUNT_DIR"], f"{what}-rank{os.environ['RANK']}.txt"), "a") as f:
+        f.write(f"{value}\\n")
+
+
+start_vote, log_step, save_on_stop = world.start_max_over_ranks, trainer.Trainer.log_step, \\
+    checkpointer.Checkpointer.save_on_stop
+world.start_max_over_ranks = lambda value, device: note("votes", value) or start_vote(value, device)
+trainer.Trainer.log_step = lambda self, loss, **extra: note("loss", self.progress.step) or log_step(self, loss, **extra)
+checkpointer.Checkpointer.save_on_stop = lambda self, t, step, stop: note("stop", step) or save_on_stop(self, t, step,
+                                                                                                       stop)
+if sys.argv[1:2] == ["--launch"]:  # dtrain.launch, every worker running this file
+    launch.WORKER = ("-u", __file__)
+    sys.exit(launch.main(sys.argv[2:]))
+faults.install()
+from dtrain.cli import main
+sys.exit(main())
+"""
+
+
+def test_two_ranks_agree_on_a_stop_every_n_steps_and_read_the_loss_only_on_log_steps(tmp_path):
+    from conftest import FAULTS, Live
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    job = Live(str(script), "--launch", "launcher.nproc_per_node=2", "model=mlp3", "data=synthetic",
+               "data.shape=[1,12,12]", "data.num_samples=1001", "data.batch_size=32", "trainer.epochs=3",
+               "trainer.sync_every_n_steps=10", "trainer.log_every_n_steps=7", "logger.plots=false",
+               f"hydra.run.dir={tmp_path / 'run'}",
+               env={"DTRAIN_FAULT": "term:1:23", "COUNT_DIR": str(tmp_path), "DTRAIN_TESTS": str(Path(FAULTS).parent)})
+    assert job.finish(timeout=180) == 75, job  # SIGTERM reached rank 1 alone, after its step 23
+
+    def lines(what: str, rank: int) -> list[int]:
+        return [int(v) for v in (tmp_path / f"{what}-rank{rank}.txt").read_text().split()]
+    # Each rank put its signal to the vote after steps 10, 20 and 30 only (15: rank 1's SIGTERM), ...
+    assert (lines("votes", 0), lines("votes", 1)) == ([0, 0, 0], [0, 0, int(signal.SIGTERM)]), job
+    # ... and both stopped after step 30, rank 0 though it never got a signal.
+    assert (lines("stop", 0), lines("stop", 1)) == ([30], [30]), job
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000030.pt"
+    assert lines("loss", 0) == lines("loss", 1) == [7, 14, 21, 28]  # the loss read on log steps only
 
 
 def test_a_non_finite_loss_stops_training_with_what_to_do(tmp_path, quiet_logs):

@@ -201,12 +201,47 @@ main()
 '''
 
 
+COUNTED = '''
+import sys
+from pathlib import Path
+import torch
+from dtrain import build, trainer
+
+made = build.make_model
+def counting(cfg, world, *args):  # LeNet's fc1 (a block: a Linear) counts the forwards it runs with autograd on
+    model, plan, net = made(cfg, world, *args)
+    block, forward, model.forwards = model.fc1, model.fc1.forward, [0]
+    def counted(*a, **k):
+        model.forwards[0] += torch.is_grad_enabled()  # training and backward's recomputation; not evaluation
+        return forward(*a, **k)
+    block.forward = counted
+    return model, plan, net
+build.make_model = counting
+
+fit = trainer.Trainer.fit
+def fit_and_write(self):
+    result = fit(self)
+    (self.run.path / f"forwards-rank{self.world.rank}.txt").write_text(str(self.model.forwards[0]))
+    return result
+trainer.Trainer.fit = fit_and_write
+
+from dtrain.cli import main
+sys.exit(main())
+'''
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_activation_checkpointing_recomputes_without_changing_the_losses(tmp_path, strategy):
+    probe = tmp_path / "counted.py"
+    probe.write_text(COUNTED)
     common = (*CONV, f"dist.strategy={strategy}", "checkpoint.format=file", "trainer.log_every_n_steps=1")
-    plain = run_cli(tmp_path / "plain", *common, nproc=2, timeout=300)
-    recomputed = run_cli(tmp_path / "ac", *common, "trainer.activation_checkpointing=true", nproc=2, timeout=300)
+    plain = run_cli(tmp_path / "plain", *common, nproc=2, timeout=300, target=(str(probe),))
+    recomputed = run_cli(tmp_path / "ac", *common, "trainer.activation_checkpointing=true", nproc=2, timeout=300,
+                         target=(str(probe),))
     assert plain.code == 0 and recomputed.code == 0, (plain, recomputed)
+    # 12 steps: a block runs its forward once per step, and once more in each backward when it recomputes.
+    for run, per_step in ((plain, 1), (recomputed, 2)):
+        assert [int((run.dir / f"forwards-rank{r}.txt").read_text()) for r in (0, 1)] == [12 * per_step] * 2, run
     assert recomputed.summary["val_loss"] == pytest.approx(plain.summary["val_loss"], abs=1e-6)
     assert_same_weights(weights(plain.dir), weights(recomputed.dir))

@@ -27,6 +27,7 @@ def write_table(path, rows: int = 200, seed: int = 0) -> tuple[np.ndarray, np.nd
     return x, y
 
 
+@pytest.mark.unit
 def test_a_csv_regression_standardises_features_with_the_training_split_statistics(tmp_path):
     x, _ = write_table(tmp_path / "t.csv")
     cfg = make_config(*CSV, f"data.path={tmp_path / 't.csv'}", "data.target=y", "data.features=[a,b,c]")
@@ -69,6 +70,7 @@ def test_a_csv_classification_takes_word_labels_and_reports_f1_and_auc(tmp_path,
     assert result["classes"] == ["high", "low"] and result["split"] == "test"
 
 
+@pytest.mark.unit
 def test_evaluating_another_file_uses_the_training_statistics_stored_in_the_checkpoint(tmp_path, quiet_logs):
     write_table(tmp_path / "t.csv")
     trainer = make_trainer(tmp_path / "run", *CSV, f"data.path={tmp_path / 't.csv'}", "data.target=y",
@@ -87,6 +89,7 @@ def test_evaluating_another_file_uses_the_training_statistics_stored_in_the_chec
     assert evaluated["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content,match", [
     ("", "is empty"),
     ("a,b,y\n", "has a header but no rows"),
@@ -114,11 +117,13 @@ def test_the_cli_refuses_a_missing_file_or_column_in_one_line_with_exit_2_and_no
     assert missing.code == 2 and "data=csv needs the name of the column to predict" in missing.err, missing
 
 
+@pytest.mark.unit
 def test_data_task_is_only_for_tables():
     with pytest.raises(BadInput, match="data=mnist_sample decides its own task"):
         make_config("data.task=regression")
 
 
+@pytest.mark.unit
 def test_a_prediction_csv_without_the_training_columns_is_refused(tmp_path, quiet_logs):
     write_table(tmp_path / "t.csv")
     trainer = make_trainer(tmp_path / "run", *CSV, f"data.path={tmp_path / 't.csv'}", "data.target=y",
@@ -132,6 +137,7 @@ def test_a_prediction_csv_without_the_training_columns_is_refused(tmp_path, quie
     assert info["features"] == ["a", "b", "c"] and len(info["mean"]) == 3
 
 
+@pytest.mark.unit
 def test_a_table_that_moved_resumes_from_its_new_place(tmp_path, quiet_logs):
     write_table(tmp_path / "t.csv")
     common = (*CSV, "data.target=y", "data.features=[a,b,c]")
@@ -144,6 +150,7 @@ def test_a_table_that_moved_resumes_from_its_new_place(tmp_path, quiet_logs):
     resumed.close()
 
 
+@pytest.mark.unit
 def test_numeric_class_labels_keep_their_numeric_order(tmp_path):
     rows = [f"{i % 7},{label}" for i, label in enumerate(["10", "2", "1"] * 4)]
     (tmp_path / "t.csv").write_text("x,grade\n" + "\n".join(rows) + "\n")

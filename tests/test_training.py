@@ -16,19 +16,44 @@ FAST = ("checkpoint.enabled=false", "logger=none")
 SYNTH = ("data=synthetic", "data.num_samples=256", "data.batch_size=32", "data.eval_batch_size=64")
 
 
-@pytest.mark.parametrize("model,shape", [
-    ("mlp", "[1,28,28]"), ("mlp3", "[1,28,28]"), ("lenet", "[1,28,28]"), ("lenet", "[3,32,32]"),
-    ("convnet", "[3,32,32]"), ("resnet18", "[3,32,32]"),
-])
-def test_each_classifier_trains_and_its_training_loss_falls(tmp_path, quiet_logs, model, shape):
-    t = make_trainer(tmp_path, f"model={model}", *SYNTH, f"data.shape={shape}", "trainer.epochs=3",
-                     "optim.lr=1e-3", "checkpoint.enabled=false")
+DIGITS = ("data=mnist_sample", "data.eval_batch_size=500")  # the bundled MNIST digits: 9,000 train, 1,000 val
+LEARNS = {  # each classifier, a few seconds of training on data it can learn in them
+    "mlp": (*DIGITS, "data.batch_size=64", "trainer.max_steps=60"),
+    "mlp3": (*DIGITS, "data.batch_size=64", "trainer.max_steps=60"),
+    "lenet": (*DIGITS, "data.batch_size=64", "trainer.max_steps=100"),
+    "convnet": (*DIGITS, "data.batch_size=32", "trainer.max_steps=40"),
+    # ResNet-18 costs too much per 28x28 image here; on data=synthetic a fixed random linear map of the input
+    # decides the label, learnable from 800 samples when the input is small: 3 channels of 2x2, 2 classes.
+    "resnet18": ("data=synthetic", "data.shape=[3,2,2]", "data.num_classes=2", "data.num_samples=1000",
+                 "data.batch_size=32", "data.eval_batch_size=100", "trainer.epochs=3"),
+}
+
+
+@pytest.mark.parametrize("model", sorted(LEARNS))
+def test_each_classifier_learns_well_above_chance_on_samples_it_never_trained_on(tmp_path, quiet_logs, model):
+    t = make_trainer(tmp_path, f"model={model}", *LEARNS[model], "optim=adam", "optim.lr=1e-3", *FAST)
     summary = t.fit()
     t.close()
-    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert summary["steps"] == 3 * (204 // 32)
-    assert losses[-1] < losses[0]
-    assert 0 <= summary["test_acc"] <= 1 and summary["world_size"] == 1
+    split, loader = ("test", t.loaders.test) if t.loaders.test is not None else ("val", t.loaders.val)
+    outs, labels = [], []
+    t.model.eval()
+    with torch.no_grad():  # the trained model's outputs on the held-out split, scored here
+        for x, y in loader:
+            outs.append(t.model(x).float())
+            labels.append(y)
+    out, y = torch.cat(outs), torch.cat(labels)
+    acc, loss = (out.argmax(1) == y).double().mean().item(), torch.nn.functional.cross_entropy(out, y).item()
+    # A model that learns nothing predicts independently of the input: its accuracy is at most the commonest
+    # class's share (about 0.12 on the digits, 0.58 on ResNet's test split) and its cross-entropy at least the
+    # entropy of the class shares (ln 10 = 2.30; 0.68). It scores that within noise (checked with optim.lr=1e-12);
+    # a working one clears both bounds widely on every seed tried (seeds 0-5 on the digits: accuracy >= 0.86,
+    # loss <= 0.47; seeds 0-7 for ResNet-18: >= 0.86, <= 0.36).
+    share = torch.bincount(y).double() / len(y)
+    chance, chance_loss = share.max().item(), -(share[share > 0] * share[share > 0].log()).sum().item()
+    assert acc >= (1 + chance) / 2, f"{split} accuracy {acc:.3f}: not well above chance {chance:.3f}"
+    assert loss <= 0.6 * chance_loss, f"{split} loss {loss:.3f}: not well below chance {chance_loss:.3f}"
+    assert summary[f"{split}_acc"] == pytest.approx(acc, abs=1e-6)  # and dtrain reports what the model does
+    assert summary[f"{split}_loss"] == pytest.approx(loss, rel=1e-4) and summary["world_size"] == 1
 
 
 def test_mlp_on_the_bundled_mnist_sample_reaches_94_percent(tmp_path, quiet_logs):
@@ -191,7 +216,8 @@ def test_debug_overfit_memorises_its_fixed_batches(tmp_path, quiet_logs):
 def test_debug_anomaly_stops_at_the_first_non_finite_loss_naming_step_and_batch(tmp_path, quiet_logs):
     t = make_trainer(tmp_path, "debug=anomaly", "model=linear", "data=regression", "optim=sgd",
                      "optim.lr=1e6", *FAST)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 1 step \d+ batch \d+"):
+    with pytest.raises(FloatingPointError, match=r"the training loss is (nan|inf) at epoch 1 step \d+ batch \d+ "
+                                                 r".*debug=anomaly stopped at this first bad batch"):
         t.fit()
 
 

@@ -12,7 +12,7 @@ import tutorials
 from conftest import make_config, make_trainer
 from dtrain import api
 from dtrain.app import CONF_DIR
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, DataError
 from test_data import write_cifar10, write_mnist
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -93,8 +93,10 @@ def test_an_mnist_tutorial_runs_on_the_bundled_sample_with_its_own_recipe(tmp_pa
 
 
 def test_a_tutorial_whose_data_is_absent_names_the_files_and_where_to_put_them(tmp_path, quiet_logs):
-    with pytest.raises(Exception, match="boston_housing.csv.*does not exist"):
+    with pytest.raises(DataError) as err:  # dtrain's own bad-input error, which the CLI prints as one line
         make_trainer(tmp_path, "experiment=csv_linear_boston_tutorial", f"data.root={tmp_path}")
+    assert str(err.value) == (f"data.path={str(tmp_path / 'boston_housing.csv')!r} does not exist: give a CSV file "
+                              "whose first line names the columns")
 
 
 # -- the tutorials' own classes ----------------------------------------------------------------------
