@@ -10,11 +10,15 @@ in itself and in every process it starts.
 
 import os
 
-if os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
-    try:
-        import torch
-    except ImportError:
-        pass
-    else:
-        torch.cuda.is_available = lambda: True
-        torch.cuda.device_count = lambda: 1
+
+def _visible() -> bool:  # read when asked, as the driver reads it when CUDA first starts
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    torch.cuda.is_available = _visible
+    torch.cuda.device_count = lambda: int(_visible())
