@@ -11,19 +11,19 @@ torn down, and every error becomes one line naming the rank and an exit code (`e
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig
 
-from dtrain import augment, config, data, logs, models, optim, validate
+from dtrain import augment, config, logs, optim, validate
 from dtrain import world as w
 from dtrain.config import Config
-from dtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Diverged, Preempted
+from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Diverged, Preempted,
+                           record_exit_code)
 
 
 def conf_dir() -> str:
@@ -60,7 +60,7 @@ def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config
     """A composed DictConfig as the typed, validated Config, checked against the registries' names.
     `given`: the parts dtrain.fit passes as objects."""
     choices = {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES}
-    cfg = validate.to_config(dcfg, choices, {"model": models.BUILTIN, "data": data.BUILTIN}, given)
+    cfg = validate.to_config(dcfg, choices, {"model": config.BUILTIN_MODELS, "data": config.BUILTIN_DATA}, given)
     optim.check(cfg.optim, sharded=cfg.dist.strategy.value == "fsdp")
     return cfg
 
@@ -90,31 +90,6 @@ def start(make: Callable[[], Config], body: Callable[[Config, w.World], Any]) ->
     finally:
         logs.close_console()
         record_exit_code(code)
-
-
-EXIT_CODE_DIR = "DTRAIN_EXIT_CODE_DIR"  # set by dtrain.launch: where each worker leaves its exit code
-
-
-recorded: Optional[int] = None  # the exit code this process has recorded, if any
-
-
-def record_exit_code(code: int, env: Mapping[str, str] = os.environ) -> None:
-    """Leave this rank's exit code where dtrain.launch reads it after a stop signal (the agent that
-    forwards the signal does not report the workers' own codes)."""
-    global recorded
-    recorded = code
-    if env.get(EXIT_CODE_DIR):
-        with contextlib.suppress(OSError):
-            Path(env[EXIT_CODE_DIR], f"rank{w.from_launcher(env).rank}").write_text(str(code))
-
-
-def read_exit_codes(folder: Path) -> dict[int, int]:
-    """{rank: exit code} of the workers that left one in `folder`."""
-    codes = {}
-    for f in folder.glob("rank*"):
-        with contextlib.suppress(OSError, ValueError):
-            codes[int(f.name.removeprefix("rank"))] = int(f.read_text())
-    return codes
 
 
 def exit_code(fn: Callable[[], int | None], world: w.World, timeout_s: float = 0) -> int:

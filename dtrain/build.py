@@ -11,14 +11,14 @@ Each of model, data, loss, metrics and callbacks comes from its `_target_` in th
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from dtrain import callbacks as cb
-from dtrain import data, models, optim, perf, plugins, strategy, validate
+from dtrain import data, models, objective, optim, perf, plugins, strategy, validate
 from dtrain import world as w
 from dtrain.checkpoint import seed_everything
 from dtrain.checkpointer import Checkpointer
@@ -63,7 +63,6 @@ class Parts:
     total_steps: int
     input_format: torch.memory_format = torch.preserve_format
     custom_loss: bool = False  # the loss is the user's (named in its errors), not the task's
-    extras: dict = field(default_factory=dict)
 
 
 def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] = None) -> Parts:
@@ -91,8 +90,8 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         scheduler=optim.build_scheduler(optimizer, cfg.sched, cfg.optim.lr, total_steps, steps_per_epoch),
         # fp16 only: its narrow range makes small gradients underflow unless the loss is scaled up first.
         scaler=torch.amp.GradScaler(world.device.type, enabled=tc.precision == Precision.fp16),
-        loss=make_loss(cfg, task, given.loss),
-        metrics=make_metrics(cfg, given.metrics, world.device),
+        loss=objective.make_loss(cfg, task, given.loss),
+        metrics=objective.make_metrics(cfg, given.metrics, world.device),
         callbacks=callbacks,
         logger=MetricLogger(world, run, cfg.logger, Context(cfg.name, as_dict(cfg), tc.epochs, total_steps,
                                                             samples_per_step)),
@@ -163,33 +162,6 @@ def _called(made: Any, offers: dict) -> Any:
     if callable(made) and not isinstance(made, (nn.Module, torch.utils.data.Dataset)):
         return made(**plugins.accepted(made, offers))
     return made
-
-
-def make_loss(cfg: Config, task: Task, given: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss: dtrain.fit's, the config's `loss: {_target_: ...}`, or the task's own."""
-    loss = given if given is not None else (
-        plugins.function_or_instance("loss", cfg.loss, positional=2) if cfg.loss is not None else None)
-    if loss is None:
-        return lambda out, y: task.loss(out, y, cfg.trainer.label_smoothing)
-    if not callable(loss):
-        raise ConfigError(f"loss: {type(loss).__name__} is not callable; give an nn.Module loss or a function "
-                          "(output, target) -> scalar")
-    return loss
-
-
-def make_metrics(cfg: Config, given: Optional[dict], device: torch.device) -> dict[str, Any]:
-    """Extra validation metrics by name: torchmetrics-like objects (update/compute/reset) or functions
-    (output, target) -> a batch's mean value."""
-    metrics = dict(given) if given is not None else {
-        name: plugins.function_or_instance(f"metrics.{name}", target, positional=2)
-        for name, target in cfg.metrics.items()}
-    for name, metric in metrics.items():
-        if not callable(metric) and not all(hasattr(metric, m) for m in ("update", "compute", "reset")):
-            raise ConfigError(f"metrics.{name}: a {type(metric).__name__} is neither a metric object (update, "
-                              "compute, reset) nor a function (output, target) -> value")
-        if isinstance(metric, nn.Module):
-            metric.to(device)
-    return metrics
 
 
 def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:

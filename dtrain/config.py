@@ -306,6 +306,15 @@ def choices_help() -> str:
     return "\n".join(lines)
 
 
+# dtrain's own models and data sets, by name -> their `_target_` (conf/model/NAME.yaml and conf/data/NAME.yaml
+# name the same; this table reads configs saved before `_target_` existed). Plain names here, so that reading
+# a config imports neither the models nor the data sets.
+BUILTIN_MODELS = {name: f"dtrain.models.{name}" for name in ("mlp", "mlp3", "lenet", "convnet", "resnet18", "linear")}
+BUILTIN_DATA = {"mnist_sample": "dtrain.data.mnist_sample", "mnist": "dtrain.data.mnist",
+                "cifar10": "dtrain.data.cifar10", "imagefolder": "dtrain.data.imagefolder",
+                "synthetic": "dtrain.data.synthetic", "regression": "dtrain.data.regression",
+                "csv": "dtrain.data.csv_table"}
+
 MODEL_OFFERS = ("input_shape", "num_outputs", "num_classes")  # what dtrain passes a model factory that takes it
 DATA_OFFERS = ("options", "world")  # what dtrain passes a data factory that takes it
 

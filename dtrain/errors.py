@@ -1,8 +1,16 @@
 """The errors dtrain reports to the user as one line, and the exit codes they map to.
 
 The bottom floor of the package: it imports nothing from dtrain, so every module can raise these
-without import cycles. Each `BadInput` message names what is wrong and what to do.
+without import cycles. Each `BadInput` message names what is wrong and what to do. It also records a
+process's exit code where dtrain.launch reads it.
 """
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Mapping, Optional
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a rank failed: its message, prefixed [rank R], says why
@@ -81,3 +89,29 @@ def first_line(e: BaseException) -> str:
         e = failure[0] if isinstance(failure, tuple) else failure
     text = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# -- exit codes recorded for dtrain.launch --------------------------------------------------------------------
+
+EXIT_CODE_DIR = "DTRAIN_EXIT_CODE_DIR"  # set by dtrain.launch: where each worker leaves its exit code
+recorded: Optional[int] = None  # the exit code this process has recorded, if any
+
+
+def record_exit_code(code: int, env: Mapping[str, str] = os.environ) -> None:
+    """Leave this rank's exit code where dtrain.launch reads it after a stop signal (the agent that
+    forwards the signal does not report the workers' own codes)."""
+    global recorded
+    recorded = code
+    if env.get(EXIT_CODE_DIR):
+        rank = env.get("RANK") or env.get("SLURM_PROCID") or "0"
+        with contextlib.suppress(OSError):
+            Path(env[EXIT_CODE_DIR], f"rank{rank}").write_text(str(code))
+
+
+def read_exit_codes(folder: Path) -> dict[int, int]:
+    """{rank: exit code} of the workers that left one in `folder`."""
+    codes = {}
+    for f in folder.glob("rank*"):
+        with contextlib.suppress(OSError, ValueError):
+            codes[int(f.name.removeprefix("rank"))] = int(f.read_text())
+    return codes

@@ -54,7 +54,7 @@ def checkpoint_config(ev: EvalConfig) -> Config:
     return inference.checkpoint_config(ckpt.load(Path(ev.ckpt)), data=ev.data, trainer=ev.trainer, dist=ev.dist)
 
 
-def run(cfg: Config, world: w.World, ev: EvalConfig) -> dict:
+def run(world: w.World, ev: EvalConfig) -> dict:
     result = inference.evaluate(ev.ckpt, ev.split, world, data=ev.data, trainer=ev.trainer, dist=ev.dist)
     if world.is_main:
         print(json.dumps(result), flush=True)
@@ -66,7 +66,7 @@ def main(dcfg: DictConfig) -> None:
     # Reading the EvalConfig inside `start` makes a missing ckpt= a one-line error; `run` only starts
     # once that read succeeded.
     code = app.start(lambda: checkpoint_config(validate.to_object(dcfg)),
-                     lambda cfg, world: run(cfg, world, validate.to_object(dcfg)))
+                     lambda cfg, world: run(world, validate.to_object(dcfg)))
     if code:
         sys.exit(code)
 

@@ -1,6 +1,6 @@
 """Using a trained model: rebuild it from a checkpoint (`load_model`, with the preprocessing it was trained
 with), evaluate it on a split, and read what a run folder recorded. dtrain.predict and dtrain.export use
-these; none of them imports the training side."""
+these; none of them imports the training side (the composition root and the loop)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dtrain import app, build, data, models
+from dtrain import app, data, models, objective
 from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import BadInput, CheckpointError, ConfigError
-from dtrain.runs import make_config
 
 
 def build_model(name: str, data_name: str = "mnist_sample", *overrides: str) -> nn.Module:
     """A freshly initialised model `name` sized for `data_name` (its input shape and classes)."""
-    cfg = make_config(f"model={name}", f"data={data_name}", *overrides)
+    cfg = app.make_config(app.compose([f"model={name}", f"data={data_name}", *overrides]))
     splits = data.build(cfg.data, w.World())
     return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
@@ -126,9 +125,9 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     model = load_model(path, str(world.device)).net
     task = TASKS[splits.task]
     result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world), task, world,
-                            cfg.trainer.precision, build.make_loss(cfg, task, None),
+                            cfg.trainer.precision, objective.make_loss(cfg, task, None),
                             classes=splits.out if task.classifies else 0,
-                            extra=build.make_metrics(cfg, None, world.device))
+                            extra=objective.make_metrics(cfg, None, world.device))
     if "confusion" in result:
         rows = result["confusion"]
         result["classes"] = splits.class_names or [str(i) for i in range(splits.out)]

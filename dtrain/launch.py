@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from dtrain import app, rundir, validate
+from dtrain import app, errors, rundir, validate
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, BadInput,
@@ -198,7 +198,7 @@ def exit_code(codes: Mapping[int, int], reported: Optional[Mapping[int, int]] = 
     return EXIT_FAILED, f"rank {rank} exited with code {code}"
 
 
-def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
+def run_workers(argv: list[str], cfg: Config, p: Plan) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -233,14 +233,14 @@ def run_workers(argv: list[str], cfg: Config, p: Plan, run_dir: Path) -> int:
     # Each worker leaves its own exit code here (app.start): after a stop signal the verdict comes from
     # the workers themselves, not from whatever files the run folder holds.
     codes_dir = Path(tempfile.mkdtemp(prefix="dtrain-launch-"))
-    os.environ[app.EXIT_CODE_DIR] = str(codes_dir)
+    os.environ[errors.EXIT_CODE_DIR] = str(codes_dir)
     try:
         elastic_launch(launch, sys.executable)(*WORKER, *argv)
         return 0
     except ChildFailedError as e:
-        code, why = exit_code({rank: f.exitcode for rank, f in e.failures.items()}, app.read_exit_codes(codes_dir))
+        code, why = exit_code({rank: f.exitcode for rank, f in e.failures.items()}, errors.read_exit_codes(codes_dir))
     except SignalException:
-        code, why = stopped_code(app.read_exit_codes(codes_dir), p.nproc_per_node, received["signum"])
+        code, why = stopped_code(errors.read_exit_codes(codes_dir), p.nproc_per_node, received["signum"])
     except KeyboardInterrupt:  # Ctrl-C twice: the workers were killed without finishing their step
         code, why = EXIT_INTERRUPTED, "interrupted; the workers were stopped at once"
     except RendezvousError as e:
@@ -297,17 +297,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_BAD_INPUT
     print(f"dtrain.launch: {p.nproc_per_node} process(es) x {p.nnodes} node(s), rendezvous {p.rdzv_endpoint} "
           f"id {p.rdzv_id}, run folder {run_dir}", flush=True)
-    return run_workers(argv, cfg, p, run_dir)
+    return run_workers(argv, cfg, p)
 
 
 def run_here(argv: list[str]) -> int:
-    """One process: training itself, in this process."""
-    from dtrain.cli import main as train
-    sys.argv = ["dtrain", *argv]
+    """One process: training itself, in this process (the Python API's path: runs.train_composed)."""
+    from dtrain import runs
     try:
-        train()
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_FAILED
+        runs.train_composed(compose(argv, with_hydra=True))
+    except runs.TrainingFailed as e:
+        return e.code
     return 0
 
 

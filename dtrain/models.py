@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain import plugins
-from dtrain.config import ModelConfig
+from dtrain.config import BUILTIN_MODELS, ModelConfig
 from dtrain.errors import ConfigError
 
 
@@ -172,7 +172,8 @@ MODELS: dict[str, Spec] = {
     "resnet18": Spec("classification", 3, blocks=("BasicBlock",)),
     "linear": Spec("regression", legacy={"1.": "linear."}),
 }
-BUILTIN = {name: f"dtrain.models.{name}" for name in MODELS}  # name -> _target_, for configs from before _target_
+BUILTIN = BUILTIN_MODELS  # name -> _target_ (config.py), for configs from before _target_
+assert BUILTIN.keys() == MODELS.keys()
 
 
 def blocks(cfg: ModelConfig) -> tuple[str, ...]:

@@ -47,7 +47,7 @@ def make_config(*overrides: str) -> Config:
 def train(*overrides: str) -> dict:
     """Train in this process as `python -m dtrain *overrides` would (the same run folder, files and
     checks; under torchrun, one rank's share); the run's summary. Raises TrainingFailed on failure."""
-    return _run(_compose_or_fail(*overrides))
+    return train_composed(_compose_or_fail(*overrides))
 
 
 def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = None, callbacks: Iterable = (),
@@ -77,7 +77,7 @@ def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = No
             node["_target_"] = plugins.path_of(obj)  # recorded in checkpoints: what rebuilds the model
             node["name"] = node.get("name") or _name(obj)
     given = frozenset({"model", "data"} | ({"loss"} if loss is not None else set()))
-    return _run(full, objects, given)
+    return train_composed(full, objects, given)
 
 
 def _name(obj: Any) -> str:
@@ -85,8 +85,8 @@ def _name(obj: Any) -> str:
     return "data" if isinstance(obj, dict) else named.__name__
 
 
-def _run(full, objects: Optional[build.Objects] = None, given: frozenset = frozenset()) -> dict:
-    """Train the composed config (with Hydra's own node) in this process; the next call is a new run."""
+def train_composed(full, objects: Optional[build.Objects] = None, given: frozenset = frozenset()) -> dict:
+    """Train a composed config (with Hydra's own node) in this process; the next call is a new run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
     with open_dict(full):

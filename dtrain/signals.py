@@ -17,6 +17,8 @@ import sys
 import threading
 from typing import Iterator, Optional
 
+from dtrain import errors
+
 
 def name(signum: int) -> str:
     return signal.Signals(signum).name
@@ -81,9 +83,8 @@ class StopSignal:
     def _expire(self, signum: int) -> None:
         print(f"dtrain: no clean stop within trainer.stop_grace_s={self.grace_s:g}s of {name(signum)} "
               "(stuck in a collective?); exiting", file=sys.stderr, flush=True)
-        from dtrain import app  # loaded long since: this process started through it
-        if app.recorded is None:  # else its own verdict stands (it crashed, then its teardown hung)
-            app.record_exit_code(128 + signum)
+        if errors.recorded is None:  # else its own verdict stands (it crashed, then its teardown hung)
+            errors.record_exit_code(128 + signum)
         os._exit(128 + signum)
 
     def hand_on(self, signum: int) -> None:

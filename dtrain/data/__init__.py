@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dtrain import plugins
 from dtrain import world as w
-from dtrain.config import DATA_OFFERS, DataConfig
+from dtrain.config import BUILTIN_DATA, DATA_OFFERS, DataConfig
 from dtrain.data.core import Splits, Tensors, ToFloat, split_indices, tensor_splits
 from dtrain.data.images import SAMPLE_DIR, cifar10, imagefolder, mnist, mnist_sample, read_idx, read_idx_pair, read_rgb
 from dtrain.data.loaders import (DeviceLoader, Loaders, ShardSampler, StreamLoader, TrainSampler, epoch_order,
@@ -19,10 +19,7 @@ from dtrain.data.tables import csv_table, read_table, regression, regression_tru
 from dtrain.data.user import as_splits
 
 # dtrain's own data sets, registered the way a user's are: conf/data/NAME.yaml names the `_target_`.
-# (name -> _target_, for configs saved before `_target_` existed)
-BUILTIN = {"mnist_sample": "dtrain.data.mnist_sample", "mnist": "dtrain.data.mnist", "cifar10": "dtrain.data.cifar10",
-           "imagefolder": "dtrain.data.imagefolder", "synthetic": "dtrain.data.synthetic",
-           "regression": "dtrain.data.regression", "csv": "dtrain.data.csv_table"}
+BUILTIN = BUILTIN_DATA
 
 
 def build(cfg: DataConfig, world: w.World, made: object = None) -> Splits:
