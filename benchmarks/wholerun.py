@@ -26,7 +26,8 @@ def contestants(epochs: int, nproc: int, model: str, folder: Path) -> dict[str, 
     dtrain = [*torchrun, "-m", "dtrain", f"model={model}", f"trainer.epochs={epochs}", "optim=adam", "optim.lr=1e-3",
               "data.batch_size=64", "logger.plots=false"]
     return {
-        "plain DDP script": [*torchrun, str(ROOT / "benchmarks" / "plain.py"), "--model", model, "--epochs", str(epochs)],
+        "plain DDP script": [*torchrun, str(ROOT / "benchmarks" / "plain.py"), "--model", model,
+                             "--epochs", str(epochs)],
         "dtrain (validation, checkpoints every epoch)": [*dtrain, f"hydra.run.dir={folder}/a"],
         "dtrain, checkpoint.enabled=false": [*dtrain, "checkpoint.enabled=false", f"hydra.run.dir={folder}/b"],
     }

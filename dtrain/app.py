@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig
 
-from dtrain import augment, config, logs, optim, validate
+from dtrain import augment, config, logs, optim, strategy, validate
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, ConfigError, Diverged, Preempted,
@@ -61,7 +61,7 @@ def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config
     `given`: the parts dtrain.fit passes as objects."""
     choices = {"optim": optim.OPTIMIZERS, "sched": optim.SCHEDULES, "data.augment": augment.NAMES}
     cfg = validate.to_config(dcfg, choices, {"model": config.BUILTIN_MODELS, "data": config.BUILTIN_DATA}, given)
-    optim.check(cfg.optim, sharded=cfg.dist.strategy.value == "fsdp")
+    optim.check(cfg.optim, sharded=strategy.resolve(cfg.dist.strategy).shards_parameters)
     return cfg
 
 

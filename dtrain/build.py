@@ -10,7 +10,6 @@ Each of model, data, loss, metrics and callbacks comes from its `_target_` in th
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from dtrain import callbacks as cb
-from dtrain import data, models, objective, optim, perf, plugins, strategy, validate
+from dtrain import data, models, objective, optim, perf, plugins, strategy
 from dtrain import world as w
 from dtrain.checkpoint import seed_everything
 from dtrain.checkpointer import Checkpointer
@@ -67,20 +66,21 @@ class Parts:
 
 def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] = None) -> Parts:
     tc, given = cfg.trainer, objects or Objects()
+    plan = strategy.build(cfg, world)
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     splits = data.build(cfg.data, world, _called(given.data, {"options": cfg.data, "world": world}))
     agree_across_ranks(cfg, world, splits)
     task = TASKS[splits.task]
     input_format = perf.memory_format(tc.channels_last, splits.shape)
-    model, plan, net = make_model(cfg, world, splits, given, input_format)
+    model, net = plan.setup(lambda: make_model(cfg, splits, given), input_format)
     perf.set_tf32(tc.tf32)
     if tc.compile:
         net = torch.compile(net)
-    seed_everything(cfg.seed + world.rank)  # ranks draw different augmentation/dropout noise
-    loaders = data.loaders(splits, cfg, world)
+    seed_everything(cfg.seed + plan.dp.rank)  # data-parallel ranks draw different augmentation/dropout noise
+    loaders = data.loaders(splits, cfg, plan.data_world)
     steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
     optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim, world.device.type,
-                                      sharded=plan.name == "fsdp", sparse=optim.makes_sparse_gradients(model))
+                                      sharded=plan.shards_parameters, sparse=optim.makes_sparse_gradients(model))
     monitor = task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
     callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks), own_callbacks(cfg, run, splits, task, monitor))
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
@@ -88,8 +88,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
         net=net, optimizer=optimizer,
         scheduler=optim.build_scheduler(optimizer, cfg.sched, cfg.optim.lr, total_steps, steps_per_epoch),
-        # fp16 only: its narrow range makes small gradients underflow unless the loss is scaled up first.
-        scaler=torch.amp.GradScaler(world.device.type, enabled=tc.precision == Precision.fp16),
+        scaler=plan.grad_scaler(),
         loss=objective.make_loss(cfg, task, given.loss),
         metrics=objective.make_metrics(cfg, given.metrics, world.device),
         callbacks=callbacks,
@@ -98,7 +97,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         checkpointer=Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                   enabled=not cfg.debug.limit_batches and not cfg.debug.overfit_batches,
                                   monitor=monitor, higher_is_better=task.higher_is_better(monitor), seed=cfg.seed,
-                                  config=as_dict(cfg), fmt=validate.checkpoint_format(cfg),
+                                  config=as_dict(cfg), fmt=strategy.checkpoint_format(cfg),
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format,
         custom_loss=given.loss is not None or cfg.loss is not None)
@@ -116,33 +115,12 @@ def agree_across_ranks(cfg: Config, world: w.World, splits: data.Splits) -> None
                           "the same data")
 
 
-def make_model(cfg: Config, world: w.World, splits: data.Splits, given: Objects,
-               input_format: torch.memory_format) -> tuple[nn.Module, strategy.Strategy, nn.Module]:
-    """The model on the device, its strategy, and the module the forward runs on. It is initialised from the
-    seed whole, then wrapped (so every strategy and world size starts from the same weights); with
-    dist.fsdp.meta_init it is built on the meta device, sharded, and only this rank's shards materialised."""
-    blocks = models.blocks(cfg.model) if given.model is None else ()
-    plan = strategy.build(cfg, world, blocks)
-    meta = cfg.dist.strategy.value == "fsdp" and cfg.dist.fsdp.meta_init and world.distributed
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        model = models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name) \
-            if given.model is None else models.from_object(given.model, splits.task, splits.shape, splits.out)
-    if cfg.trainer.activation_checkpointing:
-        perf.checkpoint_activations(model, cfg.dist.fsdp.shard or blocks)
-    if not meta:
-        if cfg.model.init_from:  # before wrapping, which starts every rank from rank 0's weights
-            models.init_from(model, cfg.model.name, cfg.model.init_from)
-        model.to(world.device, memory_format=input_format)
-        return model, plan, plan.setup(model)
-    net = plan.setup(model)
-    model.to_empty(device=world.device)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    if cfg.model.init_from:
-        plan.load_model_state_dict(model, models.read_weights(cfg.model.name, cfg.model.init_from))
-    return model, plan, net
+def make_model(cfg: Config, splits: data.Splits, given: Objects) -> nn.Module:
+    """The model the config names (or dtrain.fit's), for data of this shape (the strategy builds it where it
+    must: on the meta device for a sharded init)."""
+    if given.model is not None:
+        return models.from_object(given.model, splits.task, splits.shape, splits.out)
+    return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
 
 def schedule_length(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:

@@ -33,13 +33,8 @@ class DataPath(str, enum.Enum):
     stream = "stream"  # a DataLoader with workers (data.StreamLoader)
 
 
-class StrategyName(str, enum.Enum):
-    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model, gradients are all-reduced
-    fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
-
-
 class CheckpointFormat(str, enum.Enum):
-    auto = "auto"  # dcp under dist.strategy=fsdp, else file
+    auto = "auto"  # the strategy's own: dcp under dist.strategy=fsdp, else file
     file = "file"  # one step-<N>.pt file, written by the main rank
     dcp = "dcp"  # a step-<N>/ folder every rank writes its shards into (torch.distributed.checkpoint)
 
@@ -77,6 +72,9 @@ class ModelConfig:
     name: str = ""  # what the run is named after; "": the last part of _target_
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     init_from: Optional[str] = None  # a saved state_dict (or dtrain checkpoint) to start from, not random weights
+    # Classes of the model's blocks: what activation checkpointing recomputes and FSDP shards on its own
+    # (None: dtrain's own models name theirs; a user's model has none, so the whole model is one block)
+    blocks: Optional[list[str]] = None
     factory: Optional[str] = None  # `_target_` in the config
     kwargs: dict = field(default_factory=dict)
 
@@ -177,7 +175,9 @@ class FsdpConfig:  # dist.strategy=fsdp
 class DistConfig:
     backend: Backend = Backend.auto
     timeout_s: float = 300.0  # collectives and forming the world
-    strategy: StrategyName = StrategyName.ddp
+    # ddp: DistributedDataParallel (every rank holds the whole model); fsdp: FSDP2 (parameters, gradients and
+    # optimizer state sharded); or the dotted path of a dtrain.strategy.Strategy subclass of your own
+    strategy: str = "ddp"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     # DistributedDataParallel's options, with PyTorch's defaults
     bucket_cap_mb: float = 25.0

@@ -108,6 +108,7 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     """Loss and metrics of a checkpoint on a split (`auto`: test where the data set has one, else val),
     every sample counted once across ranks; classification adds per-class accuracy and the confusion
     matrix (rows: true class). `sections` override the checkpoint's config (data={"root": ...})."""
+    from dtrain.strategy.base import autocast
     from dtrain.tasks import TASKS, evaluate as run_evaluation
     world = world or w.World()
     state = ckpt.load(Path(path))
@@ -125,7 +126,7 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     model = load_model(path, str(world.device)).net
     task = TASKS[splits.task]
     result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world), task, world,
-                            cfg.trainer.precision, objective.make_loss(cfg, task, None),
+                            lambda: autocast(world.device, cfg.trainer.precision), objective.make_loss(cfg, task, None),
                             classes=splits.out if task.classifies else 0,
                             extra=objective.make_metrics(cfg, None, world.device))
     if "confusion" in result:

@@ -1,4 +1,4 @@
-"""What is learned and how it is measured: the task table, autocast, and evaluation.
+"""What is learned and how it is measured: the task table and evaluation.
 
 A task says which loss trains the model, which per-batch sums it keeps, and which metrics those sums
 become once reduced over all ranks. The training loop, evaluation and the summary read metric names from
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dtrain import world as w
 from dtrain.contracts import run_metric
-from dtrain.config import Monitor, Precision
+from dtrain.config import Monitor
 from dtrain.errors import ConfigError, DataError
 
 
@@ -179,12 +179,6 @@ def _as_output(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return y.reshape(out.shape).to(out.dtype) if y.numel() == out.numel() else y
 
 
-def autocast(device: torch.device, precision: Precision):
-    if precision == Precision.fp32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == Precision.bf16 else torch.float16)
-
-
 def macro_f1(confusion: torch.Tensor) -> float:
     """The mean F1 over the classes that occur as a label or a prediction (confusion rows: true class)."""
     c = confusion.double()
@@ -250,7 +244,7 @@ class ExtraMetrics:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
-             precision: Precision = Precision.fp32, loss: Callable | None = None,
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext, loss: Callable | None = None,
              limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it,
              extra: Mapping[str, Any] | None = None, lockstep: bool = False) -> dict:
     """The task's metrics over the loader's samples on all ranks, each sample counted once. With
@@ -267,10 +261,10 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
     scores, labels = [], []
     for x, y in _batches(bar(loader), loader, world, limit, lockstep):
         if y is None:  # this rank's shard is done, another's is not: a forward to keep them in step
-            with autocast(world.device, precision):
+            with autocast():
                 model(x)
             continue
-        with autocast(world.device, precision):
+        with autocast():
             out = model(x)
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
         sums += task.batch_sums(loss(out, y) if loss is not None else task.loss(out, y, 0.0), out, y)

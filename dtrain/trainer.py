@@ -23,7 +23,7 @@ from dtrain.config import as_dict
 from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged, Preempted
 from dtrain.logs import log
 from dtrain.signals import StopSignal
-from dtrain.tasks import EpochSums, autocast, evaluate
+from dtrain.tasks import EpochSums, evaluate
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Trainer:
             y = y.to(world.device, non_blocking=True)
             boundary = done % accum == 0
             with self.strategy.no_sync(self.net, sync=boundary):  # micro-steps accumulate, the last reduces
-                with autocast(world.device, cfg.trainer.precision):
+                with self.strategy.autocast():
                     out = self.forward(x)
                     if not self.checked:  # the first batch: what the model, loss and metrics give fits the task
                         self.check_first_batch(out, y)
@@ -227,8 +227,7 @@ class Trainer:
         self.logger.step(metrics)
 
     def evaluate(self, loader, name: str = "val") -> dict:
-        tc = self.cfg.trainer
-        return evaluate(self.model, loader, self.task, self.world, tc.precision, self.loss,
+        return evaluate(self.model, loader, self.task, self.world, self.strategy.autocast, self.loss,
                         self.cfg.debug.limit_batches, classes=self.splits.out if self.task.classifies else 0,
                         bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics,
                         lockstep=self.strategy.lockstep_forward)

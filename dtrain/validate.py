@@ -186,7 +186,7 @@ INTERVALS = {"trainer.label_smoothing": (0, 1, (True, False), "must be in [0, 1)
              "sched.warmup_start_factor": (0, 1, (False, True), "must be in (0, 1]")}
 
 
-def _get(cfg: Config, key: str) -> Any:
+def get(cfg: Config, key: str) -> Any:
     value: Any = cfg
     for part in key.split("."):
         value = getattr(value, part)
@@ -196,16 +196,16 @@ def _get(cfg: Config, key: str) -> Any:
 def validate(cfg: Config, choices: Mapping[str, Sequence[str]], given: frozenset[str] = frozenset()) -> None:
     """Check every value once, before anything is built. Raises ConfigError naming the key."""
     for key, names in choices.items():  # "optim": optim.name; "data.augment": each name in the list
-        value = _get(cfg, key if "." in key else f"{key}.name")
+        value = get(cfg, key if "." in key else f"{key}.name")
         for one in value if isinstance(value, list) else [value]:
             _one_of(key, one, sorted(names))
     check_targets(cfg, given)
     for key in POSITIVE:
-        _positive(key, _get(cfg, key))
+        _positive(key, get(cfg, key))
     for key in NON_NEGATIVE:
-        _non_negative(key, _get(cfg, key))
+        _non_negative(key, get(cfg, key))
     for key, (lo, hi, (lo_in, hi_in), allowed) in INTERVALS.items():
-        v = _get(cfg, key)
+        v = get(cfg, key)
         if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
             fail(key, v, allowed)
     _check_values(cfg)
@@ -213,36 +213,13 @@ def validate(cfg: Config, choices: Mapping[str, Sequence[str]], given: frozenset
     _check_endpoint(cfg.launcher.rdzv_endpoint)
 
 
-# DDP's own options: under fsdp a changed one is refused, never ignored (value: DDP's default)
-DDP_ONLY = {"model.sync_batchnorm": False, "dist.find_unused_parameters": False, "dist.static_graph": False,
-            "dist.gradient_as_bucket_view": False, "dist.bucket_cap_mb": 25.0, "dist.broadcast_buffers": True}
-
-
 def _check_strategy(cfg: Config) -> None:
-    """What dist.strategy=fsdp and distributed checkpoints cannot do, refused in one line each."""
-    fsdp = cfg.dist.strategy.value == "fsdp"
-    if fsdp:
-        for key, default in DDP_ONLY.items():
-            if _get(cfg, key) != default:
-                fail(key, _get(cfg, key), "an option of DistributedDataParallel; with dist.strategy=fsdp leave it "
-                     "at its default")
-        if cfg.trainer.compile:
-            fail("trainer.compile", True, "not with dist.strategy=fsdp here (compile the blocks yourself, or "
-                 "use dist.strategy=ddp)")
-        if cfg.trainer.precision == Precision.fp16:
-            fail("trainer.precision", "fp16", "dist.strategy=fsdp trains in fp32 or bf16 (bf16 parameters, fp32 "
-                 "gradient reduction); fp16 would need a sharded gradient scaler")
-    elif cfg.dist.fsdp.meta_init:
-        fail("dist.fsdp.meta_init", True, "needs dist.strategy=fsdp")
-    if cfg.checkpoint.async_save and checkpoint_format(cfg) != "dcp":
+    """The strategy's own rules (dtrain/strategy), and what needs distributed checkpoints."""
+    from dtrain import strategy
+    strategy.check(cfg)
+    if cfg.checkpoint.async_save and strategy.checkpoint_format(cfg) != "dcp":
         fail("checkpoint.async_save", True, "needs distributed checkpoints: checkpoint.format=dcp (the default "
              "under dist.strategy=fsdp)")
-
-
-def checkpoint_format(cfg: Config) -> str:
-    """file or dcp: checkpoint.format, where auto is dcp under dist.strategy=fsdp."""
-    fmt = cfg.checkpoint.format.value
-    return fmt if fmt != "auto" else ("dcp" if cfg.dist.strategy.value == "fsdp" else "file")
 
 
 def _check_values(cfg: Config) -> None:
@@ -284,11 +261,13 @@ def _check_endpoint(endpoint: str) -> None:
 def check_world(cfg: Config, world: world_env.World) -> None:
     """The checks that need the world: the global batches split evenly across ranks (so results do not
     depend on the world size), and the precision is one the device can run."""
+    from dtrain import strategy
+    ranks = strategy.resolve(cfg.dist.strategy).data_parallel_size(cfg, world)
     for key in ("batch_size", "eval_batch_size"):
         value = getattr(cfg.data, key)
-        if value % world.world_size:
-            fail(f"data.{key}", value,
-                  f"the global batch must divide evenly by the world size {world.world_size}")
+        if value % ranks:
+            fail(f"data.{key}", value, f"the global batch must divide evenly by the world size {world.world_size}"
+                 + (f" ({ranks} data-parallel ranks)" if ranks != world.world_size else ""))
     problem = precision_problem(cfg.trainer.precision, world.device)
     if problem:
         fail("trainer.precision", cfg.trainer.precision.value, problem)

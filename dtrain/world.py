@@ -55,6 +55,15 @@ class World:
                 f"device={self.device} backend={self.backend if self.distributed else '-'}")
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """A rank's place among the ranks that split the data (the strategy's data-parallel dimension): which
+    share of each global batch it trains on, and the group its sums are reduced over (None: every rank)."""
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return int(env[key]) if env.get(key, "") != "" else default
 

@@ -98,7 +98,7 @@ def test_the_global_batch_must_split_evenly_across_ranks():
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_each_mixed_precision_this_pytorch_runs_on_the_cpu_is_accepted_and_really_autocasts(precision, dtype):
-    from dtrain.tasks import autocast
+    from dtrain.strategy.base import autocast
     cfg = make_config(f"trainer.precision={precision}", "trainer.device=cpu")
     world = w.from_env("cpu", env={})
     validate.check_world(cfg, world)  # raises if refused

@@ -439,7 +439,7 @@ def test_data_root_defaults_to_the_dtrain_data_root_environment_variable(tmp_pat
 def test_activation_checkpointing_runs_each_blocks_forward_twice_per_step_and_keeps_the_losses(
         tmp_path, quiet_logs, nets, named):
     common = (*STACK, *SYNTH, "trainer.max_steps=3", "logger=none", "checkpoint.enabled=false",
-              *(["dist.fsdp.shard=[Block]"] if named else []))
+              *(["model.blocks=[Block]"] if named else []))
     plain, plain_summary = fit(tmp_path / "plain", *common)
     ac, ac_summary = fit(tmp_path / "ac", *common, "trainer.activation_checkpointing=true")
     for trainer, per_step in ((plain, 1), (ac, 2)):

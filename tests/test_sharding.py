@@ -39,7 +39,8 @@ def test_what_fsdp_cannot_do_is_refused_naming_the_key(overrides, message):
 
 
 def test_sharding_options_that_need_fsdp_or_dcp_are_refused_without_them():
-    with pytest.raises(ConfigError, match="dist.fsdp.meta_init=True is not allowed: needs dist.strategy=fsdp"):
+    with pytest.raises(ConfigError, match=r"dist.fsdp.meta_init=True is not allowed: an option of FSDP; with "
+                                          r"dist.strategy=ddp leave it at its default \(it needs dist.strategy=fsdp\)"):
         make_config("dist.fsdp.meta_init=true")
     with pytest.raises(ConfigError, match="checkpoint.async_save=True is not allowed: needs distributed checkpoints"):
         make_config("checkpoint.async_save=true")

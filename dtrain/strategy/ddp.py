@@ -8,7 +8,6 @@ from typing import ContextManager
 
 from torch import nn
 
-from dtrain import world as w
 from dtrain.errors import ConfigError
 from dtrain.strategy.base import Strategy
 
@@ -33,19 +32,18 @@ class _DDP(nn.parallel.DistributedDataParallel):
 
 class DDP(Strategy):
     name = "ddp"
+    describe = "DistributedDataParallel"
+    needs_group = True
+    options = {"model.sync_batchnorm": False, "dist.find_unused_parameters": False, "dist.static_graph": False,
+               "dist.gradient_as_bucket_view": False, "dist.bucket_cap_mb": 25.0, "dist.broadcast_buffers": True}
 
-    def __init__(self, world: w.World, dist, sync_batchnorm: bool):
-        super().__init__(world)
-        self.options = {k: v for k, v in dataclasses.asdict(dist).items() if k in DDP_OPTIONS}
-        self.sync_batchnorm = sync_batchnorm
-
-    def setup(self, model: nn.Module) -> nn.Module:
-        if self.sync_batchnorm:
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.model.sync_batchnorm:
             if self.world.device.type != "cuda":
                 raise ConfigError("model.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
                                   "CPU implementation); set model.sync_batchnorm=false on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        options = dict(self.options)
+        options = {k: v for k, v in dataclasses.asdict(self.cfg.dist).items() if k in DDP_OPTIONS}
         if "forward_sync_buffers" in inspect.signature(_DDP.__init__).parameters:
             options["forward_sync_buffers"] = options.pop("broadcast_buffers")  # its name since PyTorch 2.12
         device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None

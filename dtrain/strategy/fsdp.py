@@ -2,52 +2,87 @@
 its optimizer state; parameters are all-gathered for the forward and backward of each block and gradients
 reduce-scattered.
 
-Sharding is per block, then the root: the submodules whose class `dist.fsdp.shard` names (dtrain's own
-models name theirs: each linear and convolution layer; ResNet's residual blocks), else the root alone.
-With `dist.fsdp.meta_init=true` the model is built on the meta device and only each rank's shards are ever
-materialised (`to_empty`, then each module's `reset_parameters`): no rank holds the whole model, but the
-random draw is not the unsharded one's. Otherwise the whole model is initialised from the seed first and
-sharded after, so its weights match DDP's and any world size's.
+Sharding is per block, then the root: the submodules whose class `dist.fsdp.shard` (else `model.blocks`)
+names (dtrain's own models name theirs: each linear and convolution layer; ResNet's residual blocks), else
+the root alone. With `dist.fsdp.meta_init=true` the model is built on the meta device and only each rank's
+shards are ever materialised (`to_empty`, then each module's `reset_parameters`): no rank holds the whole
+model, but the random draw is not the unsharded one's. Otherwise the whole model is initialised from the
+seed first and sharded after, so its weights match DDP's and any world size's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterable, Optional
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
 
-from dtrain import world as w
+from dtrain import models
+from dtrain.config import Config, Precision
 from dtrain.models import blocks_of
 from dtrain.strategy.base import Strategy, by_name
 
 
 class FSDP(Strategy):
     name = "fsdp"
+    describe = "FSDP"
+    needs_group = True
     lockstep_forward = True  # each block's forward all-gathers its parameters
+    shards_parameters = True
+    checkpoint_format = "dcp"  # each rank writes its own shards
+    options = {"dist.fsdp.shard": None, "dist.fsdp.reshard_after_forward": True, "dist.fsdp.meta_init": False}
 
-    def __init__(self, world: w.World, shard: Iterable[str], reshard_after_forward: bool,
-                 param_dtype: Optional[torch.dtype]):
-        super().__init__(world)
-        self.shard, self.reshard_after_forward, self.param_dtype = tuple(shard), reshard_after_forward, param_dtype
+    @classmethod
+    def check(cls, cfg: Config, others) -> None:
+        from dtrain.validate import fail
+        super().check(cfg, others)
+        if cfg.trainer.compile:
+            fail("trainer.compile", True, "not with dist.strategy=fsdp here (compile the blocks yourself, or "
+                 "use dist.strategy=ddp)")
+        if cfg.trainer.precision == Precision.fp16:
+            fail("trainer.precision", "fp16", "dist.strategy=fsdp trains in fp32 or bf16 (bf16 parameters, fp32 "
+                 "gradient reduction); fp16 would need a sharded gradient scaler")
 
-    def setup(self, model: nn.Module) -> nn.Module:
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        shard = self.cfg.dist.fsdp.shard
+        return tuple(shard) if shard is not None else super().blocks
+
+    def setup(self, build: Callable[[], nn.Module], input_format: torch.memory_format) -> tuple[nn.Module, nn.Module]:
+        if not self.cfg.dist.fsdp.meta_init:
+            return super().setup(build, input_format)
+        with torch.device("meta"):
+            model = build()
+        self.checkpoint_activations(model)
+        net = self.wrap(model)
+        model.to_empty(device=self.world.device)
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        if self.cfg.model.init_from:
+            self.load_model_state_dict(model, models.read_weights(self.cfg.model.name, self.cfg.model.init_from))
+        return model, net
+
+    def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
-        # bf16 parameters for compute, fp32 gradient reduction (sums of many small bf16 gradients lose bits)
-        mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
-            if self.param_dtype is not None else MixedPrecisionPolicy()
-        if self.param_dtype is not None:
-            # Norms with running statistics (batch norm) stay fp32, as their fp32 buffers need, each its own
-            # FSDP unit whose inputs are cast to fp32 (torchtitan and Lightning keep norms in fp32 too).
+        reshard = self.cfg.dist.fsdp.reshard_after_forward
+        if self.precision == Precision.bf16:
+            # bf16 parameters for compute, fp32 gradient reduction (sums of many small bf16 gradients lose
+            # bits); norms with running statistics (batch norm) stay fp32, as their fp32 buffers need, each
+            # its own unit whose inputs are cast to fp32 (torchtitan and Lightning keep norms in fp32 too).
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
             for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]:
-                fully_shard(norm, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=fp32)
-        for block in blocks_of(model, self.shard):
-            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=mp)
-        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=mp)
+                fully_shard(norm, mesh=mesh, reshard_after_forward=reshard, mp_policy=fp32)
+        else:
+            mp = MixedPrecisionPolicy()
+        for block in blocks_of(model, self.blocks):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         return model
 
     def no_sync(self, net: nn.Module, sync: bool) -> ContextManager:
@@ -78,5 +113,3 @@ class FSDP(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, by_name(model, optimizer, state),
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-
-

@@ -1,0 +1,55 @@
+"""The seams the next capabilities land on: a strategy and a task of one's own are one file each, registered
+from outside dtrain; no strategy or task name is tested outside its own modules."""
+
+import re
+
+import pytest
+
+import seam_plugins
+from conftest import ROOT, make_config, make_trainer, run_cli
+from dtrain.errors import ConfigError
+
+
+def test_a_strategy_registered_from_a_test_module_trains_by_its_name_and_is_asked_for_each_part(tmp_path,
+                                                                                                quiet_logs):
+    seam_plugins.Counting.calls.clear()
+    t = make_trainer(tmp_path, "dist.strategy=counting", "data=synthetic", "data.num_samples=256",
+                     "data.shape=[1,8,8]", "data.batch_size=32", "trainer.epochs=1", "trainer.grad_clip=1.0",
+                     "trainer.accumulate_grad_batches=2", "logger=none", "checkpoint.enabled=false")
+    summary = t.fit()
+    steps = summary["steps"]
+    assert type(t.strategy) is seam_plugins.Counting and steps == 204 // 32 // 2
+    calls = seam_plugins.Counting.calls
+    assert calls["wrap"] == 1 and calls["clip"] == steps
+    assert calls["no_sync"] == steps and calls["sync"] == steps  # one accumulating micro-batch, then the reducing one
+    assert calls["autocast"] >= 2 * steps  # every training forward, and evaluation's
+
+
+def test_a_strategy_of_ones_own_is_named_by_its_dotted_path_on_the_command_line(tmp_path):
+    run = run_cli(tmp_path / "run", "dist.strategy=seam_plugins.Counting", "trainer.epochs=1", "trainer.max_steps=3",
+                  "logger.plots=false", env={"PYTHONPATH": str(ROOT / "tests")})
+    assert run.code == 0 and run.summary["steps"] == 3, run
+
+
+@pytest.mark.unit
+def test_an_unknown_strategy_or_another_strategys_option_is_one_line():
+    with pytest.raises(ConfigError, match=r"dist.strategy='nope' is not allowed: choose one of .*counting.*ddp, fsdp"):
+        make_config("dist.strategy=nope")
+    with pytest.raises(ConfigError, match=r"dist.find_unused_parameters=True is not allowed: an option of "
+                                          r"DistributedDataParallel; with dist.strategy=counting leave it at its "
+                                          r"default \(it needs dist.strategy=ddp\)"):
+        make_config("dist.strategy=counting", "dist.find_unused_parameters=true")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("names,owners", [
+    (r"ddp|fsdp", "dtrain/strategy/"),
+    pytest.param(r"classification|regression|segmentation|language_modeling", "dtrain/tasks/",
+                 marks=pytest.mark.xfail(strict=True, reason="the task seam comes next")),
+], ids=["strategy", "task"])
+def test_no_strategy_or_task_name_is_compared_outside_its_own_modules(names, owners):
+    compared = re.compile(rf"""(==|!=|\bin\b|\bis\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+             for path in sorted((ROOT / "dtrain").rglob("*.py")) if not str(path.relative_to(ROOT)).startswith(owners)
+             for n, line in enumerate(path.read_text().splitlines(), 1) if compared.search(line)]
+    assert not found, "\n".join(found)
