@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dtrain import callbacks as cb
-from dtrain import data, models, objective, optim, perf, plugins, strategy
+from dtrain import data, models, objective, optim, perf, plugins, strategy, tasks
 from dtrain import world as w
 from dtrain.checkpoint import seed_everything
 from dtrain.checkpointer import Checkpointer
@@ -25,7 +25,7 @@ from dtrain.config import Config, Precision, as_dict, flat
 from dtrain.errors import ConfigError
 from dtrain.sinks import Context, MetricLogger
 from dtrain.rundir import RunDir
-from dtrain.tasks import TASKS, Task
+from dtrain.tasks import Task
 
 
 @dataclass
@@ -70,7 +70,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     splits = data.build(cfg.data, world, _called(given.data, {"options": cfg.data, "world": world}))
     agree_across_ranks(cfg, world, splits)
-    task = TASKS[splits.task]
+    task = tasks.get(splits.task)
     input_format = perf.memory_format(tc.channels_last, splits.shape)
     model, net = plan.setup(lambda: make_model(cfg, splits, given), input_format)
     perf.set_tf32(tc.tf32)
@@ -81,8 +81,10 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
     optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim, world.device.type,
                                       sharded=plan.shards_parameters, sparse=optim.makes_sparse_gradients(model))
-    monitor = task.monitor_for(cfg.checkpoint.monitor, cfg.data.name)
-    callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks), own_callbacks(cfg, run, splits, task, monitor))
+    metrics = objective.make_metrics(cfg, given.metrics, world.device)
+    monitor = tasks.monitor(cfg.checkpoint.monitor, task, tuple(f"val_{m}" for m in (*task.eval_metrics, *metrics)))
+    higher = tasks.higher_is_better(monitor, cfg.checkpoint.mode.value)
+    callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks), own_callbacks(cfg, run, splits, monitor, higher))
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
     return Parts(
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
@@ -90,13 +92,13 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         scheduler=optim.build_scheduler(optimizer, cfg.sched, cfg.optim.lr, total_steps, steps_per_epoch),
         scaler=plan.grad_scaler(),
         loss=objective.make_loss(cfg, task, given.loss),
-        metrics=objective.make_metrics(cfg, given.metrics, world.device),
+        metrics=metrics,
         callbacks=callbacks,
         logger=MetricLogger(world, run, cfg.logger, Context(cfg.name, as_dict(cfg), tc.epochs, total_steps,
                                                             samples_per_step)),
         checkpointer=Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                   enabled=not cfg.debug.limit_batches and not cfg.debug.overfit_batches,
-                                  monitor=monitor, higher_is_better=task.higher_is_better(monitor), seed=cfg.seed,
+                                  monitor=monitor, higher_is_better=higher, seed=cfg.seed,
                                   config=as_dict(cfg), fmt=strategy.checkpoint_format(cfg),
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format,
@@ -151,11 +153,11 @@ def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:
     return made
 
 
-def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, monitor: str) -> dict[str, Any]:
+def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, monitor: str, higher: bool) -> dict[str, Any]:
     """dtrain's own callbacks, after the user's: early stopping, throughput/MFU, the profiler, the plots."""
     es = cfg.trainer.early_stopping
     own: dict[str, Any] = {
-        "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, task.higher_is_better(monitor)),
+        "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher),
         "throughput": cb.Throughput(splits.shape, cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
     if cfg.trainer.profile:
         own["profiler"] = cb.Profiler(run.track(run.path / "profile"))

@@ -52,17 +52,10 @@ class WandbMode(str, enum.Enum):
     disabled = "disabled"
 
 
-class Monitor(str, enum.Enum):
-    auto = "auto"  # the task's own: val_acc for classification, val_loss for regression
-    val_acc = "val_acc"
-    val_loss = "val_loss"
-    val_f1 = "val_f1"  # classification: macro F1
-    val_auc = "val_auc"  # classification: macro one-vs-rest AUC-ROC
-
-
-class TaskName(str, enum.Enum):  # what a CSV file's target column is (data=csv)
-    regression = "regression"
-    classification = "classification"
+class Mode(str, enum.Enum):  # which way the monitored metric improves
+    auto = "auto"  # lower is better for names ending in loss or perplexity, else higher
+    min = "min"
+    max = "max"
 
 
 @dataclass
@@ -104,9 +97,9 @@ class DataConfig:
     normalize: bool = True  # images: per channel; csv: per feature, with the training split's statistics
     mean: Optional[list[float]] = None  # per channel (csv: per feature); None: the training split's own statistics
     std: Optional[list[float]] = None
-    # regression or classification: data=csv needs it; for your own data set it overrides what the targets'
-    # dtype says (integers: classification)
-    task: Optional[TaskName] = None
+    # a task's name (dtrain/tasks: classification, regression, ...): data=csv needs it; for your own data set it
+    # overrides what the targets' dtype says (integers: classification)
+    task: Optional[str] = None
     factory: Optional[str] = None  # `_target_` in the config
     kwargs: dict = field(default_factory=dict)
 
@@ -193,7 +186,10 @@ class CheckpointConfig:
     every_n_epochs: int = 1  # 0 = only at the end
     every_n_steps: int = 0  # 0 = off
     keep_last: int = 2
-    monitor: Monitor = Monitor.auto  # the metric best.pt is chosen by
+    # the validation metric the best checkpoint and early stopping follow: val_loss, val_acc, val_f1, val_auc,
+    # a metric of your own val_NAME, ...; auto: the task's own (val_acc for classification, val_loss else)
+    monitor: str = "auto"
+    mode: Mode = Mode.auto  # which way it improves (auto: min for names ending in loss or perplexity, else max)
     allow_config_change: bool = False  # resume although training values changed (noted in config-changes.jsonl)
     format: CheckpointFormat = CheckpointFormat.auto
     async_save: bool = False  # dcp: write in the background while training goes on

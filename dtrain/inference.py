@@ -65,8 +65,8 @@ class Model:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (classification) or values (regression) for a batch of raw inputs."""
-        out = self(x)
-        return out.softmax(1) if self.info["task"] == "classification" else out
+        from dtrain import tasks
+        return tasks.get(self.info["task"]).predict(self(x))
 
 
 def load_model(path: str | Path, device: str = "cpu", model: Optional[nn.Module] = None) -> Model:
@@ -109,7 +109,8 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
     every sample counted once across ranks; classification adds per-class accuracy and the confusion
     matrix (rows: true class). `sections` override the checkpoint's config (data={"root": ...})."""
     from dtrain.strategy.base import autocast
-    from dtrain.tasks import TASKS, evaluate as run_evaluation
+    from dtrain import tasks
+    from dtrain.evaluation import evaluate as run_evaluation
     world = world or w.World()
     state = ckpt.load(Path(path))
     stored = state.get("data") or {}
@@ -124,10 +125,10 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
         raise ConfigError(f"split={split!r} is not available for data={cfg.data.name}; choose one of "
                           + ", ".join(["auto", *have]))
     model = load_model(path, str(world.device)).net
-    task = TASKS[splits.task]
+    task = tasks.get(splits.task)
     result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world), task, world,
                             lambda: autocast(world.device, cfg.trainer.precision), objective.make_loss(cfg, task, None),
-                            classes=splits.out if task.classifies else 0,
+                            classes=splits.out,
                             extra=objective.make_metrics(cfg, None, world.device))
     if "confusion" in result:
         rows = result["confusion"]

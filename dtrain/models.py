@@ -197,8 +197,8 @@ def blocks_of(model: nn.Module, classes: Iterable[str], key: str = "dist.fsdp.sh
 
 def offers(task: str, shape: tuple[int, ...], out: int) -> dict:
     """What dtrain offers a model factory, by keyword: the data's input shape, outputs, and classes."""
-    classes = {"num_classes": out} if task == "classification" else {}
-    return {"input_shape": tuple(shape), "num_outputs": out, **classes}
+    from dtrain import tasks
+    return {"input_shape": tuple(shape), "num_outputs": out, **tasks.get(task).offers(out)}
 
 
 def build(cfg: ModelConfig, task: str, shape: tuple[int, ...], out: int, data_name: str) -> nn.Module:

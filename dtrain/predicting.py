@@ -94,15 +94,10 @@ def read_inputs(path: Path, info: dict) -> tuple[list[str], torch.Tensor]:
 
 def predict(model, path: Path, topk: int = 5) -> list[dict]:
     """One dict per input: name, and the top-k classes with probabilities (or the predicted values)."""
+    from dtrain import tasks
     names, x = read_inputs(path, model.info)
     out = torch.cat([model.predict(x[i:i + 256]) for i in range(0, len(x), 256)]).cpu()
-    if model.info["task"] != "classification":
-        return [{"input": n, "prediction": row.tolist()} for n, row in zip(names, out)]
-    k = max(1, min(topk, out.shape[1]))
-    probs, classes = out.topk(k, dim=1)
-    labels = model.info["classes"]
-    return [{"input": n, "top": [(labels[c], float(p)) for c, p in zip(cs.tolist(), ps.tolist())]}
-            for n, cs, ps in zip(names, classes, probs)]
+    return tasks.get(model.info["task"]).prediction_rows(names, out, model.info["classes"], topk)
 
 
 def write_csv(rows: list[dict], out: Path) -> None:

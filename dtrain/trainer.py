@@ -23,7 +23,8 @@ from dtrain.config import as_dict
 from dtrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Diverged, Preempted
 from dtrain.logs import log
 from dtrain.signals import StopSignal
-from dtrain.tasks import EpochSums, evaluate
+from dtrain.evaluation import evaluate
+from dtrain.tasks import EpochSums
 
 
 @dataclass
@@ -195,7 +196,7 @@ class Trainer:
                                                                                       epoch_end=False):
                 self.checkpointer.save(self, p.step)  # a step that ends the epoch is saved there, once
         self.stop_vote.settle()  # stepping ended with a vote in flight: a stop now is after the last step
-        return {**self.task.reduce(self.epoch_sums.value()), "complete": done >= batches}
+        return {**self.task.reduce(self.epoch_sums.value(), self.strategy.dp.group), "complete": done >= batches}
 
     def check_first_batch(self, out, y: torch.Tensor) -> None:
         contracts.check_outputs(self.model, out, y, self.task.check, self.splits.out)
@@ -228,9 +229,9 @@ class Trainer:
 
     def evaluate(self, loader, name: str = "val") -> dict:
         return evaluate(self.model, loader, self.task, self.world, self.strategy.autocast, self.loss,
-                        self.cfg.debug.limit_batches, classes=self.splits.out if self.task.classifies else 0,
+                        self.cfg.debug.limit_batches, classes=self.splits.out,
                         bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics,
-                        lockstep=self.strategy.lockstep_forward)
+                        lockstep=self.strategy.lockstep_forward, group=self.strategy.dp.group)
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
         penalty = optim.l1_penalty(self.parameters, self.cfg.optim.l1)

@@ -157,7 +157,7 @@ def check_targets(cfg: Config, given: frozenset[str] = frozenset()) -> None:
     if "data" not in given:
         builder = plugins.check("data", cfg.data.factory, cfg.data.kwargs, DATA_OFFERS)
         if cfg.data.task is not None and getattr(builder, "dtrain_task", None):
-            fail("data.task", cfg.data.task.value, f"data={cfg.data.name} decides its own task; data.task is "
+            fail("data.task", cfg.data.task, f"data={cfg.data.name} decides its own task; data.task is "
                  "for data=csv and your own data sets")
         if hasattr(builder, "dtrain_check"):  # dtrain's own data sets check their arguments here
             builder.dtrain_check(cfg.data)
@@ -224,6 +224,10 @@ def _check_strategy(cfg: Config) -> None:
 
 def _check_values(cfg: Config) -> None:
     """The values whose rule is their own."""
+    from dtrain import tasks
+    if cfg.data.task is not None:
+        tasks.get(cfg.data.task)
+    tasks.check_monitor(cfg.checkpoint.monitor)
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
         fail("trainer.max_steps", cfg.trainer.max_steps, "-1 (no limit) or > 0")
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).expanduser().exists():

@@ -246,9 +246,10 @@ def kill_children(sig: int) -> None:
 
 # -- the collectives the rest of the code uses; identity in a single process -------------------------
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """`t` summed over every rank (of `group`: None, every rank), in place."""
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
@@ -304,17 +305,18 @@ def first_disagreement(values: dict[str, Any]) -> str | None:
     return None
 
 
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of `t` (ranks may hold different numbers), concatenated in rank order, on every rank."""
+def all_gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's rows of `t` (ranks may hold different numbers), concatenated in rank order, on every rank
+    (of `group`)."""
     if not dist.is_initialized():
         return t
-    counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(t)], dtype=torch.int64, device=t.device))
+    counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([len(t)], dtype=torch.int64, device=t.device), group=group)
     counts = [int(c) for c in counts]
     padded = torch.zeros(max(counts), *t.shape[1:], dtype=t.dtype, device=t.device)  # all_gather needs one shape
     padded[:len(t)] = t
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=group)
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 

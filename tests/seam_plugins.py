@@ -3,8 +3,11 @@ what tests/test_seams.py trains with."""
 
 import collections
 
-from dtrain import strategy
+import torch.nn.functional as F
+
+from dtrain import strategy, tasks
 from dtrain.strategy import Strategy
+from dtrain.tasks import Task
 
 
 class Counting(Strategy):
@@ -31,3 +34,27 @@ class Counting(Strategy):
 
 
 strategy.register(Counting)
+
+
+# -- a task of one's own: binary classification with one logit per sample ------------------------------------
+
+class Binary(Task):
+    """One logit per sample, targets 0 or 1; trained with binary cross-entropy, reports accuracy."""
+    name = "binary"
+    extras = ("acc",)
+    monitor = "val_acc"
+
+    def loss(self, out, y, label_smoothing=0.0, reduction="mean"):
+        return F.binary_cross_entropy_with_logits(out.squeeze(1), y.float(), reduction=reduction)
+
+    def extra_sums(self, out, y):
+        return [((out.squeeze(1) > 0).long() == y).sum()]
+
+    def check(self, out, y, classes):
+        return None if out.ndim == 2 and out.shape[1] == 1 else f"a binary model returns [N, 1], not {list(out.shape)}"
+
+    def outputs(self, source, train, y):
+        return None, 1
+
+
+tasks.register(Binary())

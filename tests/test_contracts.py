@@ -107,7 +107,7 @@ class TenClasses(Dataset):
                                    "classes: a classifier returns scores of shape [N, 2]"),
     (nn.Linear(6, 2), TenClasses(), [], "model: Linear: a class label is 4, outside 0..1 (the data has 2 classes)"),
     (nn.Linear(6, 2), TensorDataset(torch.randn(64, 6), torch.rand(64)), ["data.task=classification"],
-     "data.task=classification but a target of "),
+     "data.task=classification but a target is tensor(0."),
     (nn.Linear(6, 2), PilItems(), [], "holds a PIL image; give the data set a transform that makes it a tensor"),
 ], ids=["tuple-output", "width", "label-range", "float-labels", "pil"])
 def test_a_model_or_data_set_that_breaks_the_task_is_one_line_before_an_epoch(tmp_path, capsys, quiet_logs, model,

@@ -91,10 +91,15 @@ def test_f1_and_auc_reach_metrics_jsonl_and_the_summary_for_validation_and_test(
 
 @pytest.mark.unit
 def test_best_pt_can_follow_f1_or_auc_but_a_regression_has_neither():
-    assert TASKS["classification"].monitor_for(make_config("checkpoint.monitor=val_auc").checkpoint.monitor,
-                                               "mnist_sample") == "val_auc"
-    with pytest.raises(ConfigError, match="checkpoint.monitor=val_f1 but data=regression is a regression task"):
-        TASKS["regression"].monitor_for(make_config("checkpoint.monitor=val_f1").checkpoint.monitor, "regression")
+    from dtrain import tasks
+    reported = tuple(f"val_{m}" for m in TASKS["classification"].eval_metrics)
+    assert tasks.monitor(make_config("checkpoint.monitor=val_auc").checkpoint.monitor, TASKS["classification"],
+                         reported) == "val_auc"
+    with pytest.raises(ConfigError, match=r"checkpoint.monitor=val_f1 is not a metric this run reports; choose one of "
+                                          r"val_loss \(a regression task, with your metrics\)"):
+        tasks.monitor(make_config("checkpoint.monitor=val_f1").checkpoint.monitor, TASKS["regression"], ("val_loss",))
+    with pytest.raises(ConfigError, match="checkpoint.monitor=acc is not allowed: a validation metric, val_NAME"):
+        make_config("checkpoint.monitor=acc")
 
 
 def batch_by_batch(task, batches) -> torch.Tensor:

@@ -1,9 +1,14 @@
 """The seams the next capabilities land on: a strategy and a task of one's own are one file each, registered
 from outside dtrain; no strategy or task name is tested outside its own modules."""
 
+import json
 import re
 
 import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import dtrain
 
 import seam_plugins
 from conftest import ROOT, make_config, make_trainer, run_cli
@@ -44,8 +49,7 @@ def test_an_unknown_strategy_or_another_strategys_option_is_one_line():
 @pytest.mark.unit
 @pytest.mark.parametrize("names,owners", [
     (r"ddp|fsdp", "dtrain/strategy/"),
-    pytest.param(r"classification|regression|segmentation|language_modeling", "dtrain/tasks/",
-                 marks=pytest.mark.xfail(strict=True, reason="the task seam comes next")),
+    (r"classification|regression|segmentation|language_modeling", "dtrain/tasks/"),
 ], ids=["strategy", "task"])
 def test_no_strategy_or_task_name_is_compared_outside_its_own_modules(names, owners):
     compared = re.compile(rf"""(==|!=|\bin\b|\bis\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
@@ -53,3 +57,45 @@ def test_no_strategy_or_task_name_is_compared_outside_its_own_modules(names, own
              for path in sorted((ROOT / "dtrain").rglob("*.py")) if not str(path.relative_to(ROOT)).startswith(owners)
              for n, line in enumerate(path.read_text().splitlines(), 1) if compared.search(line)]
     assert not found, "\n".join(found)
+
+
+def points(n: int = 400) -> TensorDataset:
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
+
+
+def test_a_task_registered_from_a_test_module_trains_by_its_name(tmp_path, quiet_logs):
+    summary = dtrain.fit(torch.nn.Linear(4, 1), points(), overrides=[
+        "data.task=binary", "trainer.epochs=8", "data.batch_size=20", "optim.lr=0.05", "logger.plots=false",
+        f"hydra.run.dir={tmp_path / 'run'}"])
+    assert summary["val_acc"] >= 0.9 and "val_f1" not in summary  # the task's metrics, not classification's
+    assert summary["monitor"] == "val_acc"
+
+
+def best_step(run_dir) -> int:
+    from dtrain import checkpoint as ckpt
+    return ckpt.load(run_dir / "checkpoints" / "best.pt")["step"]
+
+
+def test_the_best_checkpoint_and_early_stopping_follow_any_reported_metric_and_its_mode(tmp_path, quiet_logs):
+    def negative_error(out, y):  # a metric of one's own, higher is better: reported as val_negative_error
+        return -(out.argmax(1) != y).float().mean()
+
+    common = ["trainer.epochs=6", "data.batch_size=20", "optim.lr=0.02", "logger.plots=false",
+              "checkpoint.keep_last=10"]
+    for monitor, mode, pick in (("val_f1", "max", max), ("val_loss", "max", max), ("val_loss", "auto", min),
+                                ("val_negative_error", "auto", max)):
+        run = tmp_path / f"{monitor}-{mode}"
+        summary = dtrain.fit(torch.nn.Linear(4, 2), points(), metrics={"negative_error": negative_error},
+                             overrides=[*common, f"checkpoint.monitor={monitor}", f"checkpoint.mode={mode}",
+                                        f"hydra.run.dir={run}"])
+        epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        chosen = pick(epochs, key=lambda e: e[monitor])  # the first of equals, as a strict improvement keeps it
+        assert best_step(run) == chosen["step"], (monitor, mode, [e[monitor] for e in epochs])
+        assert summary["best"] == pytest.approx(chosen[monitor]) and summary["monitor"] == monitor
+    stopped = dtrain.fit(torch.nn.Linear(4, 2), points(), overrides=[
+        *common, "checkpoint.monitor=val_loss", "checkpoint.mode=max", "trainer.early_stopping.patience=2",
+        f"hydra.run.dir={tmp_path / 'early'}"])
+    epochs = [json.loads(line) for line in (tmp_path / "early" / "metrics.jsonl").read_text().splitlines()]
+    worst = max(range(len(epochs)), key=lambda i: epochs[i]["val_loss"])
+    assert stopped["stopped_early"] and len(epochs) == worst + 3  # two epochs without a higher val_loss, then stop

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from dtrain import tasks
 from dtrain.augment import Augment
 from dtrain.config import DataConfig
 from dtrain.errors import ConfigError
@@ -45,8 +46,7 @@ class Splits:
         elif self.scaler is not None:
             mean, std = self.scaler
         return {"task": self.task, "shape": list(self.shape), "out": self.out,
-                "classes": self.class_names or ([str(i) for i in range(self.out)] if self.task == "classification"
-                                                 else None),
+                "classes": tasks.get(self.task).class_names(self.class_names, self.out),
                 "images": self.to_float is not None, "resize": self.resize, "mean": mean, "std": std,
                 "features": self.features, "target": self.target, "input_dtype": self.input_dtype}
 

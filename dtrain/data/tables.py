@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from dtrain import tasks
 from dtrain import world as w
 from dtrain.config import DataConfig
 from dtrain.validate import fail
@@ -80,7 +81,7 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
         dialect = csv.excel
     table = [row for row in csv.reader(lines, dialect) if any(cell.strip() for cell in row)]
     header, rows = [name.strip() for name in table[0]], table[1:]
-    if all(_is_number(name) for name in header):
+    if all(is_number(name) for name in header):
         raise DataError(f"{path} has no header row (its first line is numbers); add a first line naming the "
                         "columns")
     twice = sorted({n for n in header if header.count(n) > 1})
@@ -95,7 +96,7 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _is_number(cell: str) -> bool:
+def is_number(cell: str) -> bool:
     try:
         return math.isfinite(float(cell))
     except ValueError:
@@ -110,7 +111,7 @@ def table_columns(path: Path, header: list[str], rows: list[list[str]], names: l
     for i, row in enumerate(rows):
         for j, k in enumerate(index):
             cell = row[k].strip()
-            if not _is_number(cell):
+            if not is_number(cell):
                 what = "is empty" if not cell else f"holds {cell[:40]!r}, not a finite number"
                 raise DataError(f"{path}: data row {i + 1}, column {names[j]!r} {what}; feature and regression "
                                 "target columns must be numbers (fill or drop missing values)")
@@ -133,21 +134,10 @@ def csv_table(path: Optional[str] = None, target: Optional[str] = None, features
     if not features:
         raise DataError(f"{path} has no column besides data.target={target!r} to learn from")
     x = table_columns(path, header, rows, features)
-    if cfg.task.value == "regression":
-        y, out, classes = table_columns(path, header, rows, [target]), 1, None
-    else:
-        labels = [row[header.index(target)].strip() for row in rows]
-        classes = sorted(set(labels))
-        if all(map(_is_number, classes)):  # numeric labels in numeric order: 2 before 10
-            classes.sort(key=float)
-        if len(classes) < 2:
-            raise DataError(f"{path}: column {target!r} holds one class ({classes[0]!r}); classification "
-                            "needs two or more")
-        code = {c: i for i, c in enumerate(classes)}
-        y, out = torch.tensor([code[v] for v in labels]), len(classes)
+    y, out, classes = tasks.get(cfg.task).table_targets(path, header, rows, target)
     if len(rows) < 3:
         raise DataError(f"{path} has {len(rows)} row(s): too few for training, validation and test splits")
-    return tensor_splits(cfg, x, y, cfg.task.value, out, standardize=cfg.normalize, class_names=classes,
+    return tensor_splits(cfg, x, y, cfg.task, out, standardize=cfg.normalize, class_names=classes,
                           features=features, target=target)
 
 

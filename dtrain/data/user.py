@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
+from dtrain import tasks
 from dtrain.config import DataConfig
 from dtrain.data.core import Splits, Tensors, split_indices
 from dtrain.errors import ConfigError
@@ -40,12 +41,12 @@ def as_splits(made: Any, cfg: DataConfig) -> Splits:
         tr, va = split_indices(len(train), cfg)
         train, val = _subset(train, tr), _subset(train, va)
     x, y = _first_item(cfg, train)
-    task = cfg.task.value if cfg.task is not None else ("classification" if _is_integer(y) else "regression")
-    if task == "classification" and not _is_integer(y):
-        raise ConfigError(f"data.task=classification but a target of {cfg.factory} is {y!r}: classification needs "
-                          "integer class labels 0..C-1 (use data.task=regression for values)")
-    classes, out = _classes(cfg, made if isinstance(made, Dataset) else made["train"], train, task, y)
-    return Splits(train, val, test, task, tuple(x.shape), out, classes,
+    task = tasks.get(cfg.task if cfg.task is not None else tasks.of_targets(y))
+    problem = task.target_problem(y)
+    if problem:
+        raise ConfigError(f"data: {cfg.factory}: {problem}")
+    classes, out = task.outputs(made if isinstance(made, Dataset) else made["train"], train, y)
+    return Splits(train, val, test, task.name, tuple(x.shape), out, classes,
                   input_dtype=str(x.dtype).removeprefix("torch."))
 
 
@@ -77,29 +78,3 @@ def _first_item(cfg: DataConfig, ds: Dataset) -> tuple[torch.Tensor, Any]:
         raise ConfigError(f"data: an item of {cfg.factory} holds a PIL image; give the data set a transform that "
                           "makes it a tensor (torchvision.transforms.PILToTensor(), or ToTensor() for floats in 0..1)")
     return torch.as_tensor(item[0]), item[1]
-
-
-def _is_integer(y: Any) -> bool:
-    """Whether a target is an integer (a Python int, an integer tensor or NumPy value)."""
-    try:
-        t = torch.as_tensor(y)
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    return not t.is_floating_point() and not t.is_complex()
-
-
-def _classes(cfg: DataConfig, source: Any, train: Dataset, task: str, y: Any) -> tuple[Optional[list[str]], int]:
-    """(class names or None, the number of outputs)."""
-    if task == "regression":
-        return None, max(1, torch.as_tensor(y).numel())
-    names = getattr(source, "classes", None)
-    if names is not None:
-        return [str(n) for n in names], len(names)
-    if getattr(source, "num_classes", None):
-        return None, int(source.num_classes)
-    targets = getattr(source, "targets", None)
-    labels = torch.as_tensor(targets) if targets is not None else \
-        torch.tensor([int(train[i][1]) for i in range(len(train))])
-    if labels.numel() == 0 or labels.min() < 0:
-        raise ConfigError(f"data: the class labels of {cfg.factory} must be integers 0..C-1")
-    return None, int(labels.max()) + 1

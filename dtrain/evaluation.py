@@ -1,0 +1,105 @@
+"""Evaluation: a model's loss and metrics over a split, on every rank, each sample counted once. The task
+gives its sums and its evaluator (dtrain/tasks); the user's extra metrics run beside them."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dtrain import world as w
+from dtrain.contracts import run_metric
+from dtrain.tasks import Task
+
+
+class ExtraMetrics:
+    """A user's validation metrics, each counted over every rank's samples once. An object with
+    update/compute/reset (a torchmetrics Metric, which gathers its state across ranks in compute) is fed
+    every batch; a function (output, target) gives a batch's mean, weighted by its samples and summed over
+    ranks."""
+
+    def __init__(self, metrics: Mapping[str, Any], device: torch.device, group: Any = None):
+        self.group = group
+        self.stateful = {n: m for n, m in metrics.items() if hasattr(m, "update") and hasattr(m, "compute")}
+        self.functions = {n: m for n, m in metrics.items() if n not in self.stateful}
+        self.sums = torch.zeros(len(self.functions) + 1, dtype=torch.float64, device=device)  # ..., count
+        for m in self.stateful.values():
+            m.reset()
+
+    def update(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        for name, m in self.stateful.items():
+            run_metric(name, lambda: m.update(out, y))
+        if self.functions:
+            n = len(y)
+            values = [torch.as_tensor(run_metric(name, lambda: f(out, y)), dtype=torch.float64,
+                                      device=self.sums.device) * n for name, f in self.functions.items()]
+            self.sums += torch.stack([*values, torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def compute(self) -> dict[str, float]:
+        values = {}
+        for name, m in self.stateful.items():
+            values[name] = float(run_metric(name, m.compute))
+            m.reset()
+        if self.functions:
+            totals = w.all_reduce_sum(self.sums.clone(), self.group).tolist()
+            values.update({n: v / max(totals[-1], 1) for n, v in zip(self.functions, totals)})
+        return values
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext, loss: Callable | None = None,
+             limit: int = 0, classes: int = 0, bar: Callable[[Iterable], Iterable] = lambda it: it,
+             extra: Mapping[str, Any] | None = None, lockstep: bool = False, group: Any = None) -> dict:
+    """The task's metrics over the loader's samples on every data-parallel rank (`group`), each sample
+    counted once, with what the task's evaluator adds (classification: the confusion matrix, macro F1 and
+    AUC) and `extra`, the user's metrics by name. `lockstep`: every forward is a collective (a sharded
+    model), so every rank runs as many as the rank with the most batches; one whose batches ran out repeats
+    a batch it has seen and counts nothing."""
+    was_training = model.training
+    model.eval()
+    sums = task.zeros(world.device)
+    extras = ExtraMetrics(extra or {}, world.device, group)
+    evaluator = task.evaluator(classes, world.device, group)
+    for x, y in _batches(bar(loader), loader, world, limit, lockstep):
+        if y is None:  # this rank's shard is done, another's is not: a forward to keep them in step
+            with autocast():
+                model(x)
+            continue
+        with autocast():
+            out = model(x)
+        out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
+        sums += task.batch_sums(loss(out, y) if loss is not None else task.loss(out, y, 0.0), out, y)
+        extras.update(out, y)
+        evaluator.update(out, y)
+    model.train(was_training)
+    return {**task.reduce(sums, group), **extras.compute(), **evaluator.compute()}
+
+
+def _batches(batches: Iterable, loader, world: w.World, limit: int, lockstep: bool) -> Iterator[tuple[Any, Any]]:
+    """The loader's (x, y) on the device, at most `limit` batches (0: all). In lockstep the ranks agree
+    before each batch whether any still has one (one tiny all-reduce: evaluation batches are large), and a
+    rank without one gets (a batch it already saw, None)."""
+    it, seen, i = iter(batches), None, 0
+    while True:
+        batch = next(it, None) if not limit or i < limit else None
+        i += 1
+        if lockstep and not w.max_over_ranks(int(batch is not None), world.device):
+            return
+        if batch is None:
+            if not lockstep:
+                return
+            yield (seen if seen is not None else _first_input(loader, world.device)), None
+            continue
+        x, y = batch
+        seen = x = x.to(world.device, non_blocking=True)
+        yield x, y.to(world.device, non_blocking=True)
+
+
+def _first_input(loader, device: torch.device) -> torch.Tensor:
+    """A batch of the data set's first input (for a rank whose shard of it is empty)."""
+    x = loader.dataset[0][0]
+    return torch.as_tensor(x).unsqueeze(0).to(device)

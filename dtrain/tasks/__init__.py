@@ -1,0 +1,64 @@
+"""The tasks, a registry of Task protocols (dtrain/tasks/base.py): classification and regression, one module
+each. A data set names its task (`Splits.task`; `data.task` for a user's data set or data=csv, else the
+targets' dtype decides); everything else asks the Task. `register` adds one from outside dtrain.
+
+The monitor, `checkpoint.monitor`, is any validation metric a run reports (`val_loss`, `val_f1`, a user's
+`val_NAME`), with `checkpoint.mode` (auto: lower is better for names ending in `loss` or `perplexity`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dtrain.errors import ConfigError
+from dtrain.tasks.base import EpochSums, Evaluator, Task
+from dtrain.tasks.classification import Classification, is_integer, macro_auc, macro_f1, predict_samples
+from dtrain.tasks.regression import Regression
+
+TASKS: dict[str, Task] = {"classification": Classification(), "regression": Regression()}
+
+
+def register(task: Task) -> Task:
+    """Add a task by its name (a Task subclass's instance), as dtrain's own are registered."""
+    TASKS[task.name] = task
+    return task
+
+
+def get(name: str, key: str = "data.task") -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"{key}={name!r} is not allowed: choose one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def of_targets(y: Any) -> str:
+    """The task of a data set whose task is not named: its first target's dtype decides (integers:
+    classification, else regression)."""
+    return Classification.name if is_integer(y) else Regression.name
+
+
+def check_monitor(asked: str) -> None:
+    if asked != "auto" and not asked.startswith("val_"):
+        raise ConfigError(f"checkpoint.monitor={asked} is not allowed: a validation metric, val_NAME (val_loss, "
+                          f"val_acc, ... or one of your own metrics), or auto")
+
+
+def monitor(asked: str, task: Task, reported: tuple[str, ...] | None = None) -> str:
+    """The validation metric the best checkpoint is chosen by: `asked` (val_NAME), or the task's own for auto.
+    `reported`: the names validation reports (val_*), where known before the first validation."""
+    check_monitor(asked)
+    chosen = task.monitor if asked == "auto" else asked
+    if reported is not None and chosen not in reported:
+        raise ConfigError(f"checkpoint.monitor={chosen} is not a metric this run reports; choose one of "
+                          f"{', '.join(reported)} (a {task.name} task, with your metrics)")
+    return chosen
+
+
+def higher_is_better(metric: str, mode: str = "auto") -> bool:
+    """checkpoint.mode: max, min, or auto (lower is better for a loss or a perplexity, else higher)."""
+    if mode != "auto":
+        return mode == "max"
+    return not metric.endswith(("loss", "perplexity"))
+
+
+__all__ = ["Task", "Evaluator", "EpochSums", "TASKS", "register", "get", "of_targets", "check_monitor", "monitor",
+           "higher_is_better",
+           "Classification", "Regression", "macro_f1", "macro_auc", "predict_samples"]
