@@ -84,7 +84,8 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     metrics = objective.make_metrics(cfg, given.metrics, world.device)
     monitor = tasks.monitor(cfg.checkpoint.monitor, task, tuple(f"val_{m}" for m in (*task.eval_metrics, *metrics)))
     higher = tasks.higher_is_better(monitor, cfg.checkpoint.mode.value)
-    callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks), own_callbacks(cfg, run, splits, monitor, higher))
+    callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks),
+                                own_callbacks(cfg, run, splits, task, monitor, higher))
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
     return Parts(
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
@@ -98,8 +99,9 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
                                                             samples_per_step)),
         checkpointer=Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                   enabled=not cfg.debug.limit_batches and not cfg.debug.overfit_batches,
-                                  monitor=monitor, higher_is_better=higher, seed=cfg.seed,
-                                  config=as_dict(cfg), fmt=strategy.checkpoint_format(cfg),
+                                  monitor=monitor, higher_is_better=higher, fmt=strategy.checkpoint_format(cfg),
+                                  meta={"model_name": cfg.model.name, "config": as_dict(cfg),
+                                        "data": splits.describe(), "world_size": world.world_size},
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format,
         custom_loss=given.loss is not None or cfg.loss is not None)
@@ -153,14 +155,15 @@ def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:
     return made
 
 
-def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, monitor: str, higher: bool) -> dict[str, Any]:
+def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, monitor: str,
+                  higher: bool) -> dict[str, Any]:
     """dtrain's own callbacks, after the user's: early stopping, throughput/MFU, the profiler, the plots."""
     es = cfg.trainer.early_stopping
     own: dict[str, Any] = {
-        "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher),
+        "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher, cfg.trainer.epochs),
         "throughput": cb.Throughput(splits.shape, cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
     if cfg.trainer.profile:
         own["profiler"] = cb.Profiler(run.track(run.path / "profile"))
     if cfg.logger.plots:
-        own["plots"] = cb.Plots()
+        own["plots"] = cb.Plots(splits.val, splits.names(), task.classifies, len(splits.shape) == 3)
     return own

@@ -4,25 +4,30 @@ A callback is a plain object with any of these methods, named as Lightning names
 
     on_fit_start(trainer)                  once, after a resume has restored the state, before training
     on_train_epoch_start(trainer)          before each epoch's first batch
+    on_train_batch_end(trainer, outputs)   after every optimizer step: `outputs` holds the step's `loss` (a tensor
+                                           on the device; reading it with .item() syncs the host, so do it rarely)
     on_log_step(trainer, metrics)          after an optimizer step, on log steps only (trainer.log_every_n_steps):
                                            `metrics` holds epoch, step, loss, lr; no host sync is added
-    on_validation_end(trainer, metrics)    after each epoch's validation: val metrics, reduced over ranks
+    on_validation_end(trainer, metrics)    after each validation: val metrics, reduced over ranks
     on_train_epoch_end(trainer, metrics)   the epoch's record before it is logged (add entries to log them)
     on_fit_end(trainer, summary)           after training, before summary.json is written (add entries)
+    on_exception(trainer, error)           when training ends by an exception, a stop signal included (after
+                                           its checkpoint), before the exception goes on
+    teardown(trainer)                      always, last: close what the callback opened
 
-and, to have state saved in every checkpoint and restored on resume, `state_dict()` / `load_state_dict()`.
-Hooks run on every rank, in list order; what a hook reads from `trainer` (progress, model, optimizer,
-world, run, last_metrics, should_stop) is the same on every rank, so a callback that writes files should
-write on the main rank only (`if trainer.world.is_main:`); one that runs the model must run it on every
-rank (under dist.strategy=fsdp a forward is a collective). Setting `trainer.should_stop = True` in any
-hook stops training after the current epoch on every rank (the ranks agree once per epoch).
-Early stopping, the profiler, the plots and throughput/MFU reporting are callbacks of this kind.
+and, to have state saved in every checkpoint and restored on resume, `state_dict()` / `load_state_dict()` (only
+tensors, numbers, strings, None and lists/dicts of them: checked when the run starts and before every save).
+Hooks run on every rank, in list order. What a hook may use of `trainer`: `model` (the plain module),
+`optimizer`, `progress` (epoch, step), `world`, `run` (the run folder), `cfg` (read-only) and `should_stop`:
+setting it stops training after the current epoch on every rank (the ranks agree once per epoch). A callback
+that writes files should write on the main rank only (`if trainer.world.is_main:`); one that runs the model
+must run it on every rank (under dist.strategy=fsdp a forward is a collective). Early stopping, the
+profiler, the plots and throughput/MFU reporting are callbacks of this kind.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -31,9 +36,10 @@ import torch
 from dtrain import contracts
 from dtrain.errors import ConfigError, ContractError
 from dtrain.logs import log
+from dtrain.tasks import Best
 
-HOOKS = ("on_fit_start", "on_train_epoch_start", "on_log_step", "on_validation_end", "on_train_epoch_end",
-         "on_fit_end")
+HOOKS = ("on_fit_start", "on_train_epoch_start", "on_train_batch_end", "on_log_step", "on_validation_end",
+         "on_train_epoch_end", "on_fit_end", "on_exception", "teardown")
 
 
 class Callback:
@@ -70,6 +76,10 @@ class Callbacks:
             raise ConfigError(f"callbacks.{clash[0]}: the name is taken by dtrain's own {type(own[clash[0]]).__name__} "
                               f"callback; give yours another name (dtrain's own: {', '.join(own)})")
         return cls({**users, **own})
+
+    def has(self, hook: str) -> bool:
+        """Whether any callback has `hook` (the loop builds a hook's arguments only then)."""
+        return bool(self._hooks[hook])
 
     def call(self, hook: str, *args: Any) -> None:
         for name, method in self._hooks[hook]:
@@ -108,11 +118,14 @@ class EarlyStopping(Callback):
     """Stop once the monitored validation metric has gone `patience` validations in a row without beating
     its best by more than `min_delta` (patience 0: never)."""
 
-    def __init__(self, monitor: str, patience: int, min_delta: float, higher_is_better: bool):
-        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
-        self.higher_is_better = higher_is_better
-        self.best: Optional[float] = None
+    def __init__(self, monitor: str, patience: int, min_delta: float, higher_is_better: bool, epochs: int = 0):
+        self.monitor, self.patience, self.min_delta, self.epochs = monitor, patience, min_delta, epochs
+        self.tracked = Best(higher_is_better)
         self.bad = 0  # validations in a row without improvement
+
+    @property
+    def best(self) -> Optional[float]:
+        return self.tracked.value
 
     @property
     def stopped(self) -> bool:
@@ -125,23 +138,18 @@ class EarlyStopping(Callback):
     def on_validation_end(self, trainer, metrics: dict) -> None:
         if not self.patience:
             return
-        value = metrics[self.monitor.removeprefix("val_")]
-        gain = math.inf if self.best is None else (value - self.best if self.higher_is_better else self.best - value)
-        if gain > self.min_delta:  # NaN never improves
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
+        self.bad = 0 if self.tracked.offer(metrics[self.monitor.removeprefix("val_")], self.min_delta) else self.bad + 1
         if self.stopped:
             trainer.should_stop = True
             log.info(f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} for "
-                     f"{self.bad} validations (best {self.best:.6g}); stopping after epoch "
-                     f"{trainer.progress.epoch + 1} of {trainer.cfg.trainer.epochs}")
+                     f"{self.bad} validations (best {self.tracked.value:.6g}); stopping after epoch "
+                     f"{trainer.progress.epoch + 1} of {self.epochs}")
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "bad": self.bad}  # patience and min_delta are the running config's
+        return {"best": self.tracked.value, "bad": self.bad}  # patience and min_delta are the running config's
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.bad = state.get("best"), state.get("bad", 0)
+        self.tracked.value, self.bad = state.get("best"), state.get("bad", 0)
 
 
 class Throughput(Callback):
@@ -224,22 +232,28 @@ class Profiler(Callback):
 
 class Plots(Callback):
     """At the end, on the main rank: confusion.json and samples.npz (what a plot needs beyond
-    metrics.jsonl), then every plot dtrain.plots can draw from the run folder."""
+    metrics.jsonl), then every plot dtrain.plots can draw from the run folder. Given what it needs of the data
+    when built: the validation set and its class names, and whether a confusion matrix and a grid of
+    predicted images make sense (a classifier; of images)."""
+
+    def __init__(self, val: Any, classes: list[str], classifies: bool, images: bool):
+        self.val, self.classes, self.classifies, self.images = val, classes, classifies, images
+        self.confusion: Optional[list] = None
+
+    def on_validation_end(self, trainer, metrics: dict) -> None:
+        self.confusion = metrics.get("confusion")
 
     def on_fit_end(self, trainer, summary: dict) -> None:
         from dtrain import plots
         from dtrain.tasks import predict_samples
-        run, classify = trainer.run, trainer.task.classifies and trainer.final_val is not None
+        run, classify = trainer.run, self.classifies and self.confusion is not None
         # Every rank predicts (a sharded model's forward is a collective); the main rank writes.
-        samples = predict_samples(trainer.model, trainer.loaders.val.dataset, trainer.world.device) \
-            if classify and len(trainer.shape) == 3 else None
+        samples = predict_samples(trainer.model, self.val, trainer.world.device) if classify and self.images else None
         if not trainer.world.is_main:
             return
         if classify:
-            classes = trainer.splits.names()
-            run.write_text(run.confusion, json.dumps({"classes": classes, "matrix": trainer.final_val["confusion"]})
-                           + "\n")
+            run.write_text(run.confusion, json.dumps({"classes": self.classes, "matrix": self.confusion}) + "\n")
             if samples is not None:  # images: a grid of predictions to look at
-                run.write(run.samples, lambda: plots.save_samples(run.samples, **samples, classes=classes))
+                run.write(run.samples, lambda: plots.save_samples(run.samples, **samples, classes=self.classes))
         for name in plots.PLOTS:
             run.write(run.path / name, lambda name=name: plots.draw_one(run.path, name))

@@ -25,7 +25,7 @@ from dtrain.config import flat
 from dtrain.errors import CheckpointError, first_line, os_error
 from dtrain.logs import log
 
-FORMAT_VERSION = 2  # 2: per-rank sums are [loss, count, *task extras]; precision is fp32|bf16|fp16
+FORMAT_VERSION = 3  # 3: Stateful parts by name (progress, ranks, ...); 2 (flat progress) is read and upgraded
 _STEP = re.compile(r"step-(\d+)(\.pt)?")  # a file step-N.pt, or a distributed checkpoint's folder step-N
 
 
@@ -161,10 +161,25 @@ def follow_latest(path: Path) -> Path:
         raise CheckpointError(f"checkpoint pointer {path} is unreadable ({e}); use resume=auto") from e
 
 
-# What every dtrain checkpoint holds, and the type of each entry.
-_CONTENTS = {"format": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int,
-             "step": int, "samples_in_epoch": int, "model_name": str, "config": dict, "ranks": list,
-             "world_size": int}
+# What every dtrain checkpoint holds, and the type of each entry: what it is (its step, model, config, world
+# size) and its Stateful parts by name (dtrain/stateful.py).
+_CONTENTS = {"format": int, "step": int, "model_name": str, "config": dict, "world_size": int,
+             "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "progress": dict, "ranks": dict}
+_TENSORS = {"model", "optimizer"}  # what a distributed checkpoint keeps in its shards, not in state.pt
+
+
+def _upgrade(state: dict) -> dict:
+    """A format 2 checkpoint as format 3: the progress and each rank's state as parts, the last epoch's
+    metrics the logger's."""
+    if state.get("format") != 2:
+        return state
+    state = dict(state)
+    state["progress"] = {k: state.pop(k) for k in ("epoch", "samples_in_epoch")} | {"step": state["step"]}
+    state["ranks"] = {"world_size": state["world_size"], "ranks": state["ranks"]}
+    state["logger"] = {**(state.get("logger") or {}), "last_epoch": state.pop("metrics", None)}
+    if "callbacks" not in state:  # checkpoints before callbacks held early stopping's state under its own key
+        state["callbacks"] = {"early_stopping": state.pop("early_stopping", None) or {}}
+    return {**state, "format": FORMAT_VERSION}
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -179,7 +194,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
             raise CheckpointError(f"checkpoint {path} is a folder but not a complete distributed checkpoint (no "
                                   f"{dcp.METADATA} and {dcp.STATE}); give a checkpoint (.../checkpoints/step-N.pt, "
                                   "step-N/ or best.pt), or resume=auto for a run folder's newest")
-        state = _load_file(path / dcp.STATE, map_location, required=_CONTENTS.keys() - {"model", "optimizer"})
+        state = _load_file(path / dcp.STATE, map_location, required=_CONTENTS.keys() - _TENSORS)
         damaged = dcp.damage(path)
         if damaged:
             raise CheckpointError(f"checkpoint {path} is corrupt: {damaged}")
@@ -190,6 +205,27 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
 def weights(state: dict) -> dict[str, torch.Tensor]:
     """A loaded checkpoint's model weights (a distributed checkpoint's, consolidated in this process)."""
     return dcp.full_model_state(Path(state["dcp"])) if "dcp" in state else state["model"]
+
+
+def read_weights(path: str | Path, key: str = "model.init_from") -> dict[str, torch.Tensor]:
+    """The model weights in `path`: a plain state_dict (`torch.save(model.state_dict(), PATH)`, the tutorial
+    classes' included), a dtrain checkpoint file, or a distributed checkpoint folder (consolidated). A file
+    that is none of these is a CheckpointError naming `key`."""
+    where = follow_latest(Path(path).expanduser())  # a checkpoints/latest or best pointer: its target
+    if dcp.is_checkpoint(where):
+        return dcp.full_model_state(where)
+    try:
+        state = torch.load(where, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{key}={str(path)!r} does not exist; give the path of a saved state_dict") from None
+    except Exception as e:
+        raise CheckpointError(f"{key}={str(path)!r} is not a readable state_dict file ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:160]})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "format" in state:
+        state = state["model"]  # a dtrain checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{key}={str(path)!r} holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
 
 
 def _load_file(path: Path, map_location, required) -> dict:
@@ -209,6 +245,7 @@ def _load_file(path: Path, map_location, required) -> dict:
         raise _corrupt(path, e) from e
     if not isinstance(state, dict) or not isinstance(state.get("format"), int):
         raise CheckpointError(f"checkpoint {path} is not a dtrain checkpoint (no format version)")
+    state = _upgrade(state)
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {state['format']}; this dtrain reads "
                               f"format {FORMAT_VERSION}")

@@ -341,3 +341,34 @@ def flat(d: Mapping, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
     return out
+
+
+class ReadOnly:
+    """A config seen through a window that cannot be written: what callbacks get as `trainer.cfg` (the run's
+    config is validated once; a callback that changed it would make the run disagree with its own record)."""
+    __slots__ = ("_of",)
+
+    def __init__(self, of: Any):
+        object.__setattr__(self, "_of", of)
+
+    def __getattr__(self, name: str) -> Any:
+        return read_only(getattr(self._of, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"trainer.cfg is read-only: {name} cannot be set from a callback (the config is the "
+                             "run's record; change it with an override)")
+
+    def __repr__(self) -> str:
+        return f"ReadOnly({self._of!r})"
+
+
+def read_only(value: Any) -> Any:
+    """`value` that cannot be changed through: dataclasses behind ReadOnly, dicts and lists frozen."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return ReadOnly(value)
+    if isinstance(value, Mapping):
+        import types
+        return types.MappingProxyType({k: read_only(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(read_only(v) for v in value)
+    return value

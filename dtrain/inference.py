@@ -17,6 +17,7 @@ from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import BadInput, CheckpointError, ConfigError
+from dtrain.rundir import METRICS, SUMMARY
 
 
 def build_model(name: str, data_name: str = "mnist_sample", *overrides: str) -> nn.Module:
@@ -139,14 +140,14 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """A run folder's metrics.jsonl: one dict per epoch."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.exists():
         raise BadInput(f"{run_dir} has no metrics.jsonl: not a dtrain run folder, or no epoch finished yet")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_summary(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY
     if not path.exists():
         raise BadInput(f"{run_dir} has no summary.json: not a dtrain run folder, or the run has not finished")
     return json.loads(path.read_text())

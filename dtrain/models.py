@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
 import torch
@@ -259,24 +258,14 @@ def load_weights(net: nn.Module, name: str, state: Mapping[str, torch.Tensor]) -
 
 
 def read_weights(name: str, path: str) -> dict[str, torch.Tensor]:
-    """The weights in `path`: a plain state_dict (`torch.save(model.state_dict(), PATH)`, the tutorial
-    classes' included), a dtrain checkpoint file, or a distributed checkpoint folder (consolidated)."""
-    from dtrain import checkpoint, dcp
-    where = checkpoint.follow_latest(Path(path).expanduser())  # a checkpoints/latest or best pointer: its target
-    if dcp.is_checkpoint(where):
-        return upgrade(name, dcp.full_model_state(where))
+    """The weights in `path` (checkpoint.read_weights), with dtrain's earlier layer names of model `name`
+    renamed; a file that holds none is a ConfigError naming model.init_from."""
+    from dtrain import checkpoint
+    from dtrain.errors import CheckpointError
     try:
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"model.init_from={path!r} does not exist; give the path of a saved state_dict") from None
-    except Exception as e:
-        raise ConfigError(f"model.init_from={path!r} is not a readable state_dict file ({type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0][:160]})") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "format" in state:
-        state = state["model"]  # a dtrain checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"model.init_from={path!r} holds a {type(state).__name__}, not a state_dict of tensors")
-    return upgrade(name, state)
+        return upgrade(name, checkpoint.read_weights(path))
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
 
 def init_from(net: nn.Module, name: str, path: str) -> None:

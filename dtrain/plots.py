@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from dtrain import files
+from dtrain.rundir import CONFUSION, METRICS, SAMPLES, SUMMARY
 from dtrain.errors import EXIT_BAD_INPUT, BadInput
 
 DPI = 100
@@ -36,7 +37,7 @@ def _figure(size: tuple[float, float]):
 
 
 def _epochs(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
+    path = folder / METRICS
     if not path.exists():
         return []
     try:
@@ -53,7 +54,7 @@ def _series(epochs: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _title(folder: Path) -> str:
     """config name (run id), from summary.json where the run finished."""
     try:
-        return f"{json.loads((folder / 'summary.json').read_text())['config_name']} ({folder.name})"
+        return f"{json.loads((folder / SUMMARY).read_text())['config_name']} ({folder.name})"
     except (OSError, ValueError, KeyError):
         return folder.name
 
@@ -91,7 +92,7 @@ def curves(folder: Path, out: Path) -> bool:
 
 
 def confusion(folder: Path, out: Path) -> bool:
-    path = folder / "confusion.json"
+    path = folder / CONFUSION
     if not path.exists():
         return False
     record = json.loads(path.read_text())
@@ -130,7 +131,7 @@ def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, predicted: 
 
 def samples(folder: Path, out: Path) -> bool:
     """A grid of validation images titled true/predicted, wrong predictions in red (the tutorials' view)."""
-    path = folder / "samples.npz"
+    path = folder / SAMPLES
     if not path.exists():
         return False
     with np.load(path) as f:
@@ -160,7 +161,7 @@ def draw_one(folder: Path, name: str) -> bool:
 def redraw(folder: Path) -> list[Path]:
     """Every plot the run folder has data for; the paths written."""
     folder = Path(folder)
-    if not (folder / "metrics.jsonl").exists() and not (folder / "confusion.json").exists():
+    if not (folder / METRICS).exists() and not (folder / CONFUSION).exists():
         raise PlotError(f"{folder} is not a dtrain run folder with results (no metrics.jsonl); give a run "
                         "folder such as runs/<name>/<id>")
     return [folder / name for name in PLOTS if draw_one(folder, name)]

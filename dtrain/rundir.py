@@ -44,6 +44,9 @@ from dtrain import files
 from dtrain import world as w
 from dtrain.errors import EXIT_BAD_INPUT, BadInput, ContractError, WorldError
 
+# The names of the records a run leaves, which the plots and inference read back by these names too
+METRICS, SUMMARY, CONFUSION, SAMPLES = "metrics.jsonl", "summary.json", "confusion.json", "samples.npz"
+
 # The deepest folder on the way to the run folder that existed before Hydra made it (see RecordExisting).
 _existed: dict[str, Path] = {}
 
@@ -192,10 +195,10 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     config_changes = property(lambda self: self.path / "config-changes.jsonl")
     rank_log = property(lambda self: self.path / f"rank{self.world.rank}.log")
-    metrics = property(lambda self: self.path / "metrics.jsonl")
-    summary = property(lambda self: self.path / "summary.json")
-    confusion = property(lambda self: self.path / "confusion.json")
-    samples = property(lambda self: self.path / "samples.npz")
+    metrics = property(lambda self: self.path / METRICS)
+    summary = property(lambda self: self.path / SUMMARY)
+    confusion = property(lambda self: self.path / CONFUSION)
+    samples = property(lambda self: self.path / SAMPLES)
     checkpoints = property(lambda self: self.path / "checkpoints")
     lock_file = property(lambda self: self.path / ".lock")
 

@@ -236,6 +236,7 @@ class MetricLogger:
         self.sinks: list[Sink] = [SINKS[n](run, cfg, context) for n in names]
         self.console = next((s for s in self.sinks if isinstance(s, ConsoleSink)), None)
         self._since: Optional[tuple[float, int]] = None  # (time, step) of the last step log
+        self.last_epoch: Optional[dict] = None  # the last epoch's record (its train_loss goes into the summary)
 
     def rewind(self, step: int) -> None:
         for s in self.sinks:
@@ -265,6 +266,7 @@ class MetricLogger:
 
     def epoch(self, metrics: dict) -> None:
         self._since = None  # the next interval starts after evaluation
+        self.last_epoch = metrics
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         for s in self.sinks:
             s.write("epoch", metrics)
@@ -275,10 +277,11 @@ class MetricLogger:
                 s.summary(summary)
 
     def state_dict(self) -> dict:
-        return {"wandb_run_id": self.context.wandb_id}
+        return {"wandb_run_id": self.context.wandb_id, "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.context.wandb_id = state.get("wandb_run_id") or self.context.wandb_id
+        self.last_epoch = state.get("last_epoch")
 
     def close(self) -> None:
         for s in self.sinks:

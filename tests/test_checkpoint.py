@@ -16,6 +16,7 @@ import torch
 
 from dtrain import checkpoint as ckpt
 from dtrain import optim
+from dtrain import stopping
 from dtrain import trainer as trainer_mod
 from dtrain.errors import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
 from dtrain.errors import Preempted
@@ -56,11 +57,13 @@ def test_a_checkpoint_holds_everything_a_resume_needs_and_loads_weights_only(tmp
     t = make_trainer(tmp_path, *SMALL, "trainer.max_steps=10")
     t.fit()
     state = torch.load(tmp_path / "checkpoints" / "step-00000010.pt", weights_only=True)
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "samples_in_epoch", "best",
-                "config", "format", "world_size", "model_name"):
+    # What the checkpoint is, then its Stateful parts by name (dtrain/stateful.py)
+    for key in ("format", "step", "model_name", "config", "data", "world_size", "best",
+                "model", "optimizer", "scheduler", "scaler", "progress", "callbacks", "logger", "ranks"):
         assert key in state, key
-    assert (state["step"], state["samples_in_epoch"], state["format"]) == (10, 320, ckpt.FORMAT_VERSION)
-    assert set(state["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
+    assert (state["step"], state["format"]) == (10, ckpt.FORMAT_VERSION)
+    assert state["progress"] == {"epoch": 0, "step": 10, "samples_in_epoch": 320}
+    assert state["ranks"]["world_size"] == 1 and set(state["ranks"]["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
     assert state["config"]["model"]["name"] == "mlp3" and "module." not in next(iter(state["model"]))
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000010.pt"
 
@@ -99,8 +102,23 @@ def test_a_failed_write_leaves_no_partial_file_and_does_not_move_latest(tmp_path
 def complete_state(step: int) -> dict:
     """The smallest state `ckpt.load` accepts as a dtrain checkpoint."""
     return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "scheduler": {}, "scaler": {},
-            "epoch": 0, "step": step, "samples_in_epoch": 0, "model_name": "mlp", "config": {}, "ranks": [],
-            "world_size": 1}
+            "progress": {"epoch": 0, "step": step, "samples_in_epoch": 0}, "step": step, "model_name": "mlp",
+            "config": {}, "ranks": {"world_size": 1, "ranks": []}, "world_size": 1}
+
+
+@pytest.mark.unit
+def test_a_format_2_checkpoint_is_read_as_format_3(tmp_path):
+    old = {"format": 2, "model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "scaler": {}, "epoch": 1,
+           "step": 7, "samples_in_epoch": 64, "model_name": "mlp", "config": {}, "ranks": [{"rng": {}}],
+           "world_size": 1, "metrics": {"train_loss": 0.5}, "logger": {"wandb_run_id": "abc"},
+           "early_stopping": {"best": 0.9, "bad": 1}}
+    torch.save(old, tmp_path / "old.pt")
+    state = ckpt.load(tmp_path / "old.pt")
+    assert state["format"] == ckpt.FORMAT_VERSION and state["step"] == 7
+    assert state["progress"] == {"epoch": 1, "step": 7, "samples_in_epoch": 64}
+    assert state["ranks"] == {"world_size": 1, "ranks": [{"rng": {}}]}
+    assert state["logger"] == {"wandb_run_id": "abc", "last_epoch": {"train_loss": 0.5}}
+    assert state["callbacks"] == {"early_stopping": {"best": 0.9, "bad": 1}}
 
 
 class Payload:
@@ -160,8 +178,8 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, quiet_logs):
 def test_resume_none_starts_fresh_even_beside_checkpoints(tmp_path, quiet_logs):
     make_trainer(tmp_path, *SMALL, "trainer.max_steps=10").fit()
     fresh = make_trainer(tmp_path, *SMALL, "trainer.max_steps=10", "resume=none")
-    assert fresh.checkpointer.resume(fresh, "none") is None and fresh.progress.step == 0
-    assert fresh.checkpointer.resume(fresh, "auto")["step"] == 10 and fresh.progress.step == 10
+    assert fresh.checkpointer.resume(fresh.saved, "none") is None and fresh.progress.step == 0
+    assert fresh.checkpointer.resume(fresh.saved, "auto")["step"] == 10 and fresh.progress.step == 10
 
 
 @pytest.mark.parametrize("fmt", ["file", "dcp"])
@@ -174,7 +192,7 @@ def test_a_resume_runs_the_configured_optimizer_implementation_not_the_checkpoin
     saved.close()
     restore()
     resumed = make_trainer(tmp_path, *SMALL, f"checkpoint.format={fmt}")  # optim.implementation=auto: fused
-    resumed.checkpointer.resume(resumed, "auto")  # an operational key: not refused as a change
+    resumed.checkpointer.resume(resumed.saved, "auto")  # an operational key: not refused as a change
     assert resumed.progress.step == 10
     assert optim.implementation_of(resumed.optimizer) == "fused"
     assert all(g["fused"] and not g["foreach"] for g in resumed.optimizer.param_groups)
@@ -277,15 +295,15 @@ def test_a_vote_that_carries_a_failed_background_save_reports_it_on_every_rank(m
     from dtrain import world as w
     from dtrain.errors import CheckpointError
     model = torch.nn.Linear(2, 2)
-    monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: trainer_mod.SAVE_FAILED)  # another's
+    monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: stopping.SAVE_FAILED)  # another's
 
     def report():
         raise CheckpointError("could not write the checkpoint of step 30")
-    vote = trainer_mod.StopVote(w.World(world_size=2), model, report)
+    vote = stopping.StopVote(w.World(world_size=2), model, report)
     vote.start(0, save_failed=False)  # this rank's save went well; another rank's did not
     with pytest.raises(CheckpointError, match="step 30"):
         vote.settle()
-    alone = trainer_mod.StopVote(w.World(), model, report)
+    alone = stopping.StopVote(w.World(), model, report)
     with pytest.raises(CheckpointError):
         alone.start(0, save_failed=True)
 
@@ -297,7 +315,7 @@ def test_a_stop_agreed_in_the_next_step_undoes_its_random_draws_and_buffer_updat
     from dtrain import world as w
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).train()
     monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: signal.SIGUSR1)  # another rank's
-    vote = trainer_mod.StopVote(w.World(world_size=2), model, no_failed_save)
+    vote = stopping.StopVote(w.World(world_size=2), model, no_failed_save)
     rng, buffers = ckpt.rng_state(), {k: v.clone() for k, v in model.state_dict().items()}
     vote.start(0)  # after step kN; this rank saw no signal
     model(torch.randn(8, 4))  # step kN+1's forward: random draws, running statistics
@@ -314,12 +332,12 @@ def test_a_vote_without_a_stop_keeps_the_step_and_alone_a_signal_stops_at_once(m
     from dtrain import world as w
     model = torch.nn.BatchNorm1d(4).train()
     monkeypatch.setattr(w, "start_max_over_ranks", lambda value, device: lambda: value)
-    vote = trainer_mod.StopVote(w.World(world_size=2), model, no_failed_save)
+    vote = stopping.StopVote(w.World(world_size=2), model, no_failed_save)
     vote.start(0)
     model(torch.randn(8, 4))
     vote.settle()
     assert int(model.num_batches_tracked) == 1
-    alone = trainer_mod.StopVote(w.World(), model, no_failed_save)
+    alone = stopping.StopVote(w.World(), model, no_failed_save)
     with pytest.raises(Preempted) as stopped:
         alone.start(signal.SIGINT)
     assert stopped.value.code == 130 and alone.pending is None

@@ -183,7 +183,7 @@ def test_callback_state_that_turns_unsaveable_later_stops_the_save_and_writes_no
         def on_train_epoch_end(self, trainer, metrics):
             callback.value = datetime.date(2026, 12, 5)
 
-    t.callbacks = t.callbacks.of({"mine": callback, "later": Later()}, {})
+    t.callbacks = t.saved.states["callbacks"] = t.callbacks.of({"mine": callback, "later": Later()}, {})
     with pytest.raises(dtrain.errors.ContractError, match=r"callbacks.mine: Stateful.state_dict\(\)\['kept'\] is a "
                                                          r"datetime.date, which a checkpoint cannot hold"):
         t.fit()
@@ -221,18 +221,11 @@ def test_a_nan_validation_metric_never_becomes_the_best(tmp_path):
     from dtrain.config import CheckpointConfig
     from dtrain.world import World
     saver = Checkpointer(tmp_path, CheckpointConfig(), World(), enabled=True, monitor="val_loss",
-                         higher_is_better=False, seed=0, config={}, record_change=print)
-
-    class Fake:
-        def state_dict(self, weights=True):
-            return {}
-
-        def rank_state(self):
-            return {}
-    saver._on_main = lambda write, is_best=None: None  # nothing written: only the choice of best is under test
-    saver.save(Fake(), 1, {"loss": math.nan})
+                         higher_is_better=False, meta={"config": {}}, record_change=print)
+    saver.writer.write = lambda *args, **kwargs: None  # nothing written: only the choice of best is under test
+    saver.save(None, 1, {"loss": math.nan})
     assert saver.best is None
-    saver.save(Fake(), 2, {"loss": 0.5})
+    saver.save(None, 2, {"loss": 0.5})
     assert saver.best == 0.5
 
 

@@ -181,12 +181,13 @@ def test_the_bar_follows_the_terminal_unless_set(tmp_path, monkeypatch, quiet_lo
     from dtrain.sinks import ConsoleSink
     trainer = make_trainer(tmp_path, "debug=fast")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
-    assert ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar
-    trainer.cfg.logger.progress_bar = False
-    assert not ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar
+    logger = trainer.config.logger  # the run's own config (trainer.cfg is the callbacks' read-only view)
+    assert ConsoleSink(trainer.run, logger, trainer.logger.context).show_bar
+    logger.progress_bar = False
+    assert not ConsoleSink(trainer.run, logger, trainer.logger.context).show_bar
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
-    trainer.cfg.logger.progress_bar = None
-    assert not ConsoleSink(trainer.run, trainer.cfg.logger, trainer.logger.context).show_bar
+    logger.progress_bar = None
+    assert not ConsoleSink(trainer.run, logger, trainer.logger.context).show_bar
 
 
 # -- sinks ------------------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def test_checkpoints_are_saved_exactly_at_the_epochs_that_are_multiples_of_every
     assert files == [f"step-{step_at[e]:08d}.pt" for e in saved_epochs]
     for e in saved_epochs:  # each holds the end of its epoch
         state = torch.load(tmp_path / "checkpoints" / f"step-{step_at[e]:08d}.pt", weights_only=True)
-        assert (state["epoch"], state["step"], state["samples_in_epoch"]) == (e, step_at[e], 0)
+        assert state["progress"] == {"epoch": e, "step": step_at[e], "samples_in_epoch": 0}
 
 
 # -- 3. TensorBoard purges the steps a resumed run logs again ------------------------------------------------

@@ -99,3 +99,38 @@ def test_the_best_checkpoint_and_early_stopping_follow_any_reported_metric_and_i
     epochs = [json.loads(line) for line in (tmp_path / "early" / "metrics.jsonl").read_text().splitlines()]
     worst = max(range(len(epochs)), key=lambda i: epochs[i]["val_loss"])
     assert stopped["stopped_early"] and len(epochs) == worst + 3  # two epochs without a higher val_loss, then stop
+
+
+@pytest.mark.unit
+def test_no_module_of_dtrain_imports_itself_round_a_circle():
+    """Module-level imports between dtrain's modules form no circle (a package's own __init__ importing its
+    submodules is the package, not a circle)."""
+    import ast
+    modules: dict[str, set[str]] = {}
+    for path in (ROOT / "dtrain").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        imported = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        modules[name] = {m for m in imported if m.startswith("dtrain")}
+    package = {m for m in modules if any(other.startswith(m + ".") for other in modules)}
+    edges = {m: {d for d in deps if d in modules and d != m and not (d in package and m.startswith(d + "."))}
+             for m, deps in modules.items()}
+
+    def circle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for d in edges[node]:
+                if d == start:
+                    return path + [d]
+                if d not in seen:
+                    seen.add(d)
+                    stack.append((d, path + [d]))
+        return None
+
+    circles = [c for m in sorted(edges) if (c := circle_from(m))]
+    assert not circles, circles[0]

@@ -124,24 +124,24 @@ def test_a_stop_that_cannot_finish_ends_after_stop_grace_s(tmp_path):
 
 
 def test_the_stop_watchdog_leaves_the_launcher_its_exit_unless_the_rank_already_left_its_own(tmp_path, monkeypatch):
-    from dtrain import app, signals
+    from dtrain import errors, signals
 
     def exit_(code):
         raise SystemExit(code)
 
     monkeypatch.setattr(signals.os, "_exit", exit_)
-    monkeypatch.setattr(app, "recorded", None)
-    for key, value in {app.EXIT_CODE_DIR: str(tmp_path), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+    monkeypatch.setattr(errors, "recorded", None)
+    for key, value in {errors.EXIT_CODE_DIR: str(tmp_path), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(key, value)
     stop = signals.StopSignal(60)
     try:
         with pytest.raises(SystemExit):  # stuck in a collective: the watchdog ends the rank
             stop._expire(signal.SIGTERM)
-        assert app.read_exit_codes(tmp_path) == {1: 128 + signal.SIGTERM}
-        app.record_exit_code(1)  # a rank that crashed, then hung tearing down its group
+        assert errors.read_exit_codes(tmp_path) == {1: 128 + signal.SIGTERM}
+        errors.record_exit_code(1)  # a rank that crashed, then hung tearing down its group
         with pytest.raises(SystemExit):
             stop._expire(signal.SIGTERM)
-        assert app.read_exit_codes(tmp_path) == {1: 1}  # its own verdict stands
+        assert errors.read_exit_codes(tmp_path) == {1: 1}  # its own verdict stands
     finally:
         stop.restore()
 

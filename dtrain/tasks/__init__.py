@@ -7,7 +7,8 @@ The monitor, `checkpoint.monitor`, is any validation metric a run reports (`val_
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 from dtrain.errors import ConfigError
 from dtrain.tasks.base import EpochSums, Evaluator, Task
@@ -52,6 +53,25 @@ def monitor(asked: str, task: Task, reported: tuple[str, ...] | None = None) -> 
     return chosen
 
 
+class Best:
+    """The best value of a monitored metric so far, in its direction: what the best checkpoint and early
+    stopping both follow. A NaN or infinite value never improves."""
+
+    def __init__(self, higher_is_better: bool, value: Optional[float] = None):
+        self.higher_is_better, self.value = higher_is_better, value
+
+    def offer(self, value: float, min_delta: float = 0.0) -> bool:
+        """Take `value` if it beats the best by more than `min_delta`; whether it did."""
+        if not math.isfinite(value):
+            return False
+        gain = math.inf if self.value is None else \
+            (value - self.value if self.higher_is_better else self.value - value)
+        if gain > min_delta:
+            self.value = value
+            return True
+        return False
+
+
 def higher_is_better(metric: str, mode: str = "auto") -> bool:
     """checkpoint.mode: max, min, or auto (lower is better for a loss or a perplexity, else higher)."""
     if mode != "auto":
@@ -60,5 +80,5 @@ def higher_is_better(metric: str, mode: str = "auto") -> bool:
 
 
 __all__ = ["Task", "Evaluator", "EpochSums", "TASKS", "register", "get", "of_targets", "check_monitor", "monitor",
-           "higher_is_better",
+           "higher_is_better", "Best",
            "Classification", "Regression", "macro_f1", "macro_auc", "predict_samples"]

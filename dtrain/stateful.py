@@ -1,0 +1,74 @@
+"""What a checkpoint is made of: Stateful parts, each with `state_dict()` / `load_state_dict()`, by name (as
+torchtitan's CheckpointManager takes them). The model and the optimizer are laid out by the strategy (whole
+in a checkpoint file, each rank's shards in a distributed checkpoint); every other part is a plain state dict:
+the scheduler, the gradient scaler, the loop's progress, the callbacks, the metric logger, and each rank's
+random state and running sums (`RankState`). dtrain/saving.py writes and reads them, one path for both
+layouts; dtrain/checkpointer.py decides when."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dtrain import world as w
+from dtrain.checkpoint import rng_state, seed_everything, set_rng_state
+from dtrain.logs import log
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where training stands: the loop's own state, saved in every checkpoint."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    samples_in_epoch: int = 0  # global samples of the current epoch already trained on
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "samples_in_epoch": self.samples_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:  # in place: the loop holds a reference to it
+        self.epoch, self.step, self.samples_in_epoch = state["epoch"], state["step"], state["samples_in_epoch"]
+
+
+class RankState:
+    """Each rank's own random state and running sums, gathered from every rank into the checkpoint (a
+    collective: every rank calls `state_dict`). The same world size continues each rank's exactly. Another
+    cannot: random streams restart from the seed (a warning says so) and the sums, being additive, go to the
+    main rank. The data position itself re-shards on any world size (data.TrainSampler)."""
+
+    def __init__(self, world: w.World, seed: int, progress: Progress, sums: Any):
+        self.world, self.seed, self.progress, self.sums = world, seed, progress, sums
+
+    def state_dict(self) -> dict:
+        mine = {"rng": rng_state(), "epoch_sums": self.sums.value().cpu()}
+        return {"world_size": self.world.world_size, "ranks": w.gather_objects(mine)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if state["world_size"] == self.world.world_size:
+            share = dict(ranks[self.world.rank])
+            set_rng_state(share.pop("rng"))
+            self.sums.reset(share["epoch_sums"].to(self.sums.total.device))
+            return
+        log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
+                    "ranks: data continues from the saved position, random streams are re-seeded")
+        seed_everything(self.seed + self.world.rank + self.progress.step)
+        total = sum(r["epoch_sums"] for r in ranks) * (1 if self.world.is_main else 0)
+        self.sums.reset(total.to(self.sums.total.device))
+
+
+@dataclass
+class Parts:
+    """Everything a checkpoint holds: the model and its optimizer, whose layout is the strategy's, and the
+    other Stateful parts by name (loaded in this order: the progress before what depends on it)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    strategy: Any  # dtrain.strategy.Strategy
+    states: dict[str, Stateful] = field(default_factory=dict)
