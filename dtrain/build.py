@@ -25,6 +25,7 @@ from dtrain.config import Config, Precision, as_dict, flat
 from dtrain.errors import ConfigError
 from dtrain.sinks import Context, MetricLogger
 from dtrain.rundir import RunDir
+from dtrain.steps import has_own_step
 from dtrain.tasks import Task
 
 
@@ -36,6 +37,7 @@ class Objects:
     loss: Any = None  # an nn.Module loss, or a function (output, target) -> scalar
     metrics: Optional[dict] = None  # name -> a torchmetrics Metric, or a function (output, target) -> value
     callbacks: tuple = ()
+    collate: Any = None  # a function: a list of items -> a batch
 
 
 @dataclass
@@ -77,15 +79,18 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     if tc.compile:
         net = torch.compile(net)
     seed_everything(cfg.seed + plan.dp.rank)  # data-parallel ranks draw different augmentation/dropout noise
-    loaders = data.loaders(splits, cfg, plan.data_world)
+    loaders = data.loaders(splits, cfg, plan.data_world, data.collate_of(cfg.data, given.collate))
     steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
     optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim, world.device.type,
                                       sharded=plan.shards_parameters, sparse=optim.makes_sparse_gradients(model))
     metrics = objective.make_metrics(cfg, given.metrics, world.device)
-    monitor = tasks.monitor(cfg.checkpoint.monitor, task, tuple(f"val_{m}" for m in (*task.eval_metrics, *metrics)))
+    own = has_own_step(model)  # its validation_step says what it reports, once it has run
+    optional = own and cfg.checkpoint.monitor == "auto"  # val_loss, if its validation reports one
+    monitor = tasks.monitor(cfg.checkpoint.monitor, tasks.Task() if own else task,
+                            None if own else tuple(f"val_{m}" for m in (*task.eval_metrics, *metrics)))
     higher = tasks.higher_is_better(monitor, cfg.checkpoint.mode.value)
     callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks),
-                                own_callbacks(cfg, run, splits, task, monitor, higher))
+                                own_callbacks(cfg, run, splits, task, monitor, higher, optional))
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
     return Parts(
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
@@ -100,6 +105,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         checkpointer=Checkpointer(run.checkpoints, cfg.checkpoint, world,
                                   enabled=not cfg.debug.limit_batches and not cfg.debug.overfit_batches,
                                   monitor=monitor, higher_is_better=higher, fmt=strategy.checkpoint_format(cfg),
+                                  optional_monitor=optional,
                                   meta={"model_name": cfg.model.name, "config": as_dict(cfg),
                                         "data": splits.describe(), "world_size": world.world_size},
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
@@ -156,11 +162,11 @@ def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:
 
 
 def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, monitor: str,
-                  higher: bool) -> dict[str, Any]:
+                  higher: bool, optional: bool = False) -> dict[str, Any]:
     """dtrain's own callbacks, after the user's: early stopping, throughput/MFU, the profiler, the plots."""
     es = cfg.trainer.early_stopping
     own: dict[str, Any] = {
-        "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher, cfg.trainer.epochs),
+        "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher, cfg.trainer.epochs, optional),
         "throughput": cb.Throughput(splits.shape, cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
     if cfg.trainer.profile:
         own["profiler"] = cb.Profiler(run.track(run.path / "profile"))

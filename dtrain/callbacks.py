@@ -36,7 +36,7 @@ import torch
 from dtrain import contracts
 from dtrain.errors import ConfigError, ContractError
 from dtrain.logs import log
-from dtrain.tasks import Best
+from dtrain.tasks import Best, monitored
 
 HOOKS = ("on_fit_start", "on_train_epoch_start", "on_train_batch_end", "on_log_step", "on_validation_end",
          "on_train_epoch_end", "on_fit_end", "on_exception", "teardown")
@@ -118,8 +118,10 @@ class EarlyStopping(Callback):
     """Stop once the monitored validation metric has gone `patience` validations in a row without beating
     its best by more than `min_delta` (patience 0: never)."""
 
-    def __init__(self, monitor: str, patience: int, min_delta: float, higher_is_better: bool, epochs: int = 0):
+    def __init__(self, monitor: str, patience: int, min_delta: float, higher_is_better: bool, epochs: int = 0,
+                 optional: bool = False):
         self.monitor, self.patience, self.min_delta, self.epochs = monitor, patience, min_delta, epochs
+        self.optional = optional  # a model's own validation may not report it: then there is nothing to follow
         self.tracked = Best(higher_is_better)
         self.bad = 0  # validations in a row without improvement
 
@@ -138,7 +140,10 @@ class EarlyStopping(Callback):
     def on_validation_end(self, trainer, metrics: dict) -> None:
         if not self.patience:
             return
-        self.bad = 0 if self.tracked.offer(metrics[self.monitor.removeprefix("val_")], self.min_delta) else self.bad + 1
+        value = monitored(metrics, self.monitor, self.optional and not self.patience)
+        if value is None:
+            return
+        self.bad = 0 if self.tracked.offer(value, self.min_delta) else self.bad + 1
         if self.stopped:
             trainer.should_stop = True
             log.info(f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} for "

@@ -175,7 +175,10 @@ def _upgrade(state: dict) -> dict:
         return state
     state = dict(state)
     state["progress"] = {k: state.pop(k) for k in ("epoch", "samples_in_epoch")} | {"step": state["step"]}
-    state["ranks"] = {"world_size": state["world_size"], "ranks": state["ranks"]}
+    # each rank's sums were [loss sum, count, *extras]; now [loss sum, units, samples, *extras], a sample the unit
+    ranks = [{**r, "epoch_sums": torch.cat([r["epoch_sums"][:2], r["epoch_sums"][1:]])} if "epoch_sums" in r else r
+             for r in state["ranks"]]
+    state["ranks"] = {"world_size": state["world_size"], "ranks": ranks}
     state["logger"] = {**(state.get("logger") or {}), "last_epoch": state.pop("metrics", None)}
     if "callbacks" not in state:  # checkpoints before callbacks held early stopping's state under its own key
         state["callbacks"] = {"early_stopping": state.pop("early_stopping", None) or {}}

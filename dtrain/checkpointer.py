@@ -17,7 +17,7 @@ from dtrain.config import CheckpointConfig
 from dtrain.errors import CheckpointError, Preempted
 from dtrain.logs import log
 from dtrain.stateful import Parts
-from dtrain.tasks import Best
+from dtrain.tasks import Best, monitored
 
 
 class Checkpointer:
@@ -25,9 +25,10 @@ class Checkpointer:
     every checkpoint records of the run (its model's name, config, data description, world size)."""
 
     def __init__(self, folder: Path, cfg: CheckpointConfig, world: w.World, enabled: bool, monitor: str,
-                 higher_is_better: bool, meta: dict, record_change: Callable[[str], None], fmt: str = "file"):
+                 higher_is_better: bool, meta: dict, record_change: Callable[[str], None], fmt: str = "file",
+                 optional_monitor: bool = False):
         self.folder, self.cfg, self.world, self.enabled = folder, cfg, world, enabled and cfg.enabled
-        self.monitor, self.higher_is_better = monitor, higher_is_better
+        self.monitor, self.higher_is_better, self.optional_monitor = monitor, higher_is_better, optional_monitor
         self.meta, self.record_change = meta, record_change  # what every checkpoint records; where changes go
         self.config = meta["config"]
         self.tracked = Best(higher_is_better)  # the monitored value of the best checkpoint
@@ -47,7 +48,8 @@ class Checkpointer:
         """All ranks call this. `val` (the validation metrics, or None mid-epoch) decides whether this becomes
         the best; a NaN or infinite value never does."""
         start = time.perf_counter()
-        is_best = val is not None and self.tracked.offer(val[self.monitor.removeprefix("val_")])
+        value = monitored(val, self.monitor, self.optional_monitor) if val is not None else None
+        is_best = value is not None and self.tracked.offer(value)
         self.writer.write(parts, step, is_best, {**self.meta, "step": step, "best": self.best}, wait)
         self.saved_step = step
         self.stall_s += time.perf_counter() - start

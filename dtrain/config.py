@@ -100,6 +100,9 @@ class DataConfig:
     # a task's name (dtrain/tasks: classification, regression, ...): data=csv needs it; for your own data set it
     # overrides what the targets' dtype says (integers: classification)
     task: Optional[str] = None
+    # {_target_: pkg.mod.fn}: how a list of items becomes a batch in the DataLoader (padding variable lengths);
+    # null: torch's default_collate (dtrain.fit takes collate=fn)
+    collate: Any = None
     factory: Optional[str] = None  # `_target_` in the config
     kwargs: dict = field(default_factory=dict)
 
@@ -151,6 +154,9 @@ class TrainerConfig:
     channels_last: bool = False  # images and convolution weights in NHWC memory format (faster on tensor cores)
     activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
     sync_every_n_steps: int = 10  # DDP: ranks agree on a stop signal every N optimizer steps (one tiny all-reduce)
+    # validate every N optimizer steps as well as at each epoch's end (0: at epoch ends only): a metrics.jsonl
+    # line, the best checkpoint's choice and early stopping each time, and a (mid-epoch) checkpoint
+    val_every_n_steps: int = 0
     profile: bool = False  # torch.profiler trace of a few early steps, per rank, in <run>/profile/
     stop_grace_s: float = 20.0  # after SIGTERM/SIGUSR1, exit anyway if no clean stop came by then
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)

@@ -29,9 +29,9 @@ def check_outputs(model: torch.nn.Module, out: Any, y: torch.Tensor,
         raise ContractError(f"model: {type(model).__name__}: {found}")
 
 
-def check_loss(loss: Any, fn: Any, given: bool) -> None:
+def check_loss(loss: Any, fn: Any, given: bool, who: Optional[str] = None) -> None:
     """The loss of the first batch is a scalar tensor that backpropagates."""
-    who = f"loss: {_named(fn)}" if given else "loss"
+    who = who or (f"loss: {_named(fn)}" if given else "loss")
     if not isinstance(loss, torch.Tensor):
         raise ContractError(f"{who} returned a {type(loss).__name__}; a loss returns a scalar tensor computed from "
                             "the outputs (not a number: no .item())")

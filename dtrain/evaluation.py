@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dtrain import batches
 from dtrain import world as w
 from dtrain.contracts import run_metric
-from dtrain.tasks import Task
+from dtrain.tasks import NamedSums, Task
 
 
 class ExtraMetrics:
@@ -64,13 +65,12 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
     sums = task.zeros(world.device)
     extras = ExtraMetrics(extra or {}, world.device, group)
     evaluator = task.evaluator(classes, world.device, group)
-    for x, y in _batches(bar(loader), loader, world, limit, lockstep):
-        if y is None:  # this rank's shard is done, another's is not: a forward to keep them in step
-            with autocast():
-                model(x)
-            continue
+    for batch, counted in _batches(bar(loader), loader, world, limit, lockstep):
+        x, y = batches.pair(batch)
         with autocast():
-            out = model(x)
+            out = batches.call(model, x)
+        if not counted:  # this rank's shard is done, another's is not: the forward kept them in step
+            continue
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
         sums += task.batch_sums(loss(out, y) if loss is not None else task.loss(out, y, 0.0), out, y)
         extras.update(out, y)
@@ -79,11 +79,32 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
     return {**task.reduce(sums, group), **extras.compute(), **evaluator.compute()}
 
 
-def _batches(batches: Iterable, loader, world: w.World, limit: int, lockstep: bool) -> Iterator[tuple[Any, Any]]:
-    """The loader's (x, y) on the device, at most `limit` batches (0: all). In lockstep the ranks agree
-    before each batch whether any still has one (one tiny all-reduce: evaluation batches are large), and a
-    rank without one gets (a batch it already saw, None)."""
-    it, seen, i = iter(batches), None, 0
+@torch.no_grad()
+def evaluate_own(model: nn.Module, call: Callable[..., Any], loader: DataLoader, world: w.World,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, limit: int = 0,
+                 bar: Callable[[Iterable], Iterable] = lambda it: it, lockstep: bool = False,
+                 group: Any = None) -> dict:
+    """A model with its own step: the means of what its validation_step returns (else its training_step's
+    loss and scalars), each batch weighted by its sample count, over every data-parallel rank."""
+    from dtrain.steps import own_validation, scalars, unpack
+    was_training = model.training
+    model.eval()
+    method, sums = own_validation(model), NamedSums(world.device)
+    for batch, counted in _batches(bar(loader), loader, world, limit, lockstep):
+        with autocast():
+            result = call(method, batch)
+        values = scalars(result, method) if method == "validation_step" else \
+            (lambda loss, rest: {"loss": loss, **rest})(*unpack(result, method))
+        sums.add(values, batches.count(batch) if counted else 0)  # a padding batch names the values only
+    model.train(was_training)
+    return sums.reduce(group)
+
+
+def _batches(items: Iterable, loader, world: w.World, limit: int, lockstep: bool) -> Iterator[tuple[Any, bool]]:
+    """The loader's batches on the device, at most `limit` (0: all), each with whether it counts. In lockstep
+    the ranks agree before each batch whether any still has one (one tiny all-reduce: evaluation batches are
+    large), and a rank without one gets a batch it already saw, not counted."""
+    it, seen, i = iter(items), None, 0
     while True:
         batch = next(it, None) if not limit or i < limit else None
         i += 1
@@ -92,14 +113,15 @@ def _batches(batches: Iterable, loader, world: w.World, limit: int, lockstep: bo
         if batch is None:
             if not lockstep:
                 return
-            yield (seen if seen is not None else _first_input(loader, world.device)), None
+            yield (seen if seen is not None else _one_batch(loader, world.device)), False
             continue
-        x, y = batch
-        seen = x = x.to(world.device, non_blocking=True)
-        yield x, y.to(world.device, non_blocking=True)
+        seen = batches.to_device(batch, world.device)
+        yield seen, True
 
 
-def _first_input(loader, device: torch.device) -> torch.Tensor:
-    """A batch of the data set's first input (for a rank whose shard of it is empty)."""
-    x = loader.dataset[0][0]
-    return torch.as_tensor(x).unsqueeze(0).to(device)
+def _one_batch(loader, device: torch.device) -> Any:
+    """A batch of the data set's first item (for a rank whose shard of it is empty)."""
+    if hasattr(loader.dataset, "batch"):  # data held as tensors (data.DeviceLoader)
+        return batches.to_device(loader.dataset.batch(slice(0, 1)), device)
+    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+    return batches.to_device(collate([loader.dataset[0]]), device)

@@ -127,7 +127,8 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
                           + ", ".join(["auto", *have]))
     model = load_model(path, str(world.device)).net
     task = tasks.get(splits.task)
-    result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world), task, world,
+    result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world, data.collate_of(cfg.data)),
+                            task, world,
                             lambda: autocast(world.device, cfg.trainer.precision), objective.make_loss(cfg, task, None),
                             classes=splits.out,
                             extra=objective.make_metrics(cfg, None, world.device))

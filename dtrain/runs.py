@@ -51,7 +51,7 @@ def train(*overrides: str) -> dict:
 
 
 def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = None, callbacks: Iterable = (),
-        overrides: Iterable[str] = ()) -> dict:
+        collate: Any = None, overrides: Iterable[str] = ()) -> dict:
     """Train `model` on `data` with dtrain's loop, run folder, checkpoints, resume, logging and summary; the
     summary. The same script runs as `python train.py`, `torchrun --nproc_per_node=N train.py` and under
     srun, each process calling `fit` alike.
@@ -65,9 +65,11 @@ def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = No
     loss       an nn.Module loss or a function (output, target) -> scalar; None: the task's own
     metrics    name -> a torchmetrics Metric or a function (output, target) -> value: extra validation metrics
     callbacks  objects with any of dtrain's hooks (dtrain/callbacks.py), in order
+    collate    a function making a batch of a list of items (padding variable lengths); None: torch's default
     overrides  key=value strings as on the command line: "trainer.epochs=3", "data.batch_size=64", ...
     """
-    objects = build.Objects(model, data, loss, dict(metrics) if metrics is not None else None, tuple(callbacks))
+    objects = build.Objects(model, data, loss, dict(metrics) if metrics is not None else None, tuple(callbacks),
+                            collate)
     parts = {"model": model, "data": data}
     full = _compose_or_fail("~model", "~data", *overrides)  # dtrain's own model/data keys stay overridable
     from omegaconf import open_dict

@@ -265,8 +265,12 @@ class MetricLogger:
             s.write("step", metrics)
 
     def epoch(self, metrics: dict) -> None:
-        self._since = None  # the next interval starts after evaluation
         self.last_epoch = metrics
+        self.validation(metrics)
+
+    def validation(self, metrics: dict) -> None:
+        """A validation's line (an epoch's, or one within an epoch: trainer.val_every_n_steps)."""
+        self._since = None  # the next interval starts after evaluation
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         for s in self.sinks:
             s.write("epoch", metrics)

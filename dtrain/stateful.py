@@ -55,13 +55,12 @@ class RankState:
         if state["world_size"] == self.world.world_size:
             share = dict(ranks[self.world.rank])
             set_rng_state(share.pop("rng"))
-            self.sums.reset(share["epoch_sums"].to(self.sums.total.device))
+            self.sums.reset(share["epoch_sums"])
             return
         log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
                     "ranks: data continues from the saved position, random streams are re-seeded")
         seed_everything(self.seed + self.world.rank + self.progress.step)
-        total = sum(r["epoch_sums"] for r in ranks) * (1 if self.world.is_main else 0)
-        self.sums.reset(total.to(self.sums.total.device))
+        self.sums.reset(sum(r["epoch_sums"] for r in ranks) * (1 if self.world.is_main else 0))
 
 
 @dataclass

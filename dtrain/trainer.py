@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from dtrain import contracts, logs, optim, plots
+from dtrain import logs, optim, plots
 from dtrain import world as w
 from dtrain.build import Parts
 from dtrain.callbacks import Callbacks
@@ -21,7 +21,7 @@ from dtrain.checkpointer import Checkpointer
 from dtrain.config import Config, read_only
 from dtrain.data import Loaders, Splits
 from dtrain.errors import Diverged, Preempted
-from dtrain.evaluation import evaluate
+from dtrain.evaluation import evaluate, evaluate_own
 from dtrain.logs import log
 from dtrain.rundir import RunDir
 from dtrain.signals import StopSignal
@@ -30,7 +30,8 @@ from dtrain.stateful import Parts as CheckpointParts
 from dtrain.stateful import Progress, RankState
 from dtrain.stopping import StopVote
 from dtrain.strategy import Strategy
-from dtrain.tasks import EpochSums, Task
+from dtrain.steps import OwnStep, TaskStep, has_own_step
+from dtrain.tasks import Task
 
 
 class Trainer:
@@ -60,19 +61,19 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = parts.steps_per_epoch, parts.total_steps
         self.input_format: torch.memory_format = parts.input_format
         self.cfg = read_only(self.config)
-        self.eval_names = (*self.task.eval_metrics, *self.metrics)  # val_*, test_*: the task's, then the user's
         self.parameters = list(self.model.parameters())
         self.sync_every = self.config.trainer.sync_every_n_steps if self.world.distributed else 1  # alone: free
+        self.val_every = self.config.trainer.val_every_n_steps
         self.progress = Progress()
-        self.epoch_sums = EpochSums(self.task, self.world.device)  # this rank's, kept across a mid-epoch resume
+        self.step = make_step(self)
+        self.unit = self.task.unit if isinstance(self.step, TaskStep) else "sample"  # what throughput counts
         self.stop_vote = StopVote(self.world, self.model, self.checkpointer.wait)
         self.should_stop = False  # a callback asks to stop after this epoch (the ranks agree)
-        self.checked = False  # whether the first batch's outputs and loss were checked
         # What a checkpoint holds: the loop's own state is its progress (dtrain/stateful.py).
         self.saved = CheckpointParts(self.model, self.optimizer, self.strategy, {
             "scheduler": self.scheduler, "scaler": self.scaler, "progress": self.progress,
             "callbacks": self.callbacks, "logger": self.logger,
-            "ranks": RankState(self.world, self.config.seed, self.progress, self.epoch_sums)})
+            "ranks": RankState(self.world, self.config.seed, self.progress, self.step.sums)})
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class Trainer:
                  f"{self.world.describe()} global_batch={cfg.data.batch_size} run_dir={self.run}")
         torch.autograd.set_detect_anomaly(cfg.debug.detect_anomaly)
         stop = StopSignal(cfg.trainer.stop_grace_s)
-        start, train_time, train_samples, val, first_step = time.perf_counter(), 0.0, 0, None, p.step
+        start, train_time, train_samples, train_units, val, first_step = time.perf_counter(), 0.0, 0, 0.0, None, p.step
         self.callbacks.call("on_fit_start", self)
         self.callbacks.check_state()  # before any epoch is spent: every checkpoint will hold it
         try:
@@ -105,12 +106,10 @@ class Trainer:
                 check_finite(train["loss"], p, self.world, "mean training loss of the epoch")
                 epoch_time = time.perf_counter() - t0
                 train_time, train_samples = train_time + epoch_time, train_samples + train["samples"]
-                self.strategy.sync_buffers(self.model)  # every rank evaluates and saves rank 0's model
-                val = self.evaluate(self.loaders.val)
-                self.callbacks.call("on_validation_end", self, val)
+                train_units += train["units"]
+                val = self.validate()
                 self.log_epoch(train, val, epoch_time, p.step - first)
-                if self.world.distributed:  # any rank's callback may have asked to stop: all stop together
-                    self.should_stop = bool(w.max_over_ranks(int(self.should_stop), self.world.device))
+                self.agree_to_stop()
                 if train["complete"]:  # else max_steps stopped it part-way: keep the position
                     p.epoch, p.samples_in_epoch = p.epoch + 1, 0
                 if self.checkpointer.should_save(p.step, p.epoch, epoch_end=True,
@@ -126,12 +125,10 @@ class Trainer:
             torch.autograd.set_detect_anomaly(False)
         return finish(self, val, wall=time.perf_counter() - start,
                       samples_per_sec=train_samples / max(train_time, 1e-9),
+                      units_per_sec=train_units / max(train_time, 1e-9),
                       step_time_s=train_time / max(self.progress.step - first_step, 1))
 
-    @property
-    def last_metrics(self) -> Optional[dict]:
-        """The last epoch's record (metrics.jsonl's last line)."""
-        return self.logger.last_epoch
+    last_metrics = property(lambda self: self.logger.last_epoch)  # the last epoch's record
 
     @property
     def finished(self) -> bool:
@@ -142,25 +139,17 @@ class Trainer:
         accum, batches = cfg.trainer.accumulate_grad_batches, self.steps_per_epoch * cfg.trainer.accumulate_grad_batches
         self.loaders.train.set_position(p.epoch, p.samples_in_epoch)
         if p.samples_in_epoch == 0:
-            self.epoch_sums.reset()
+            self.step.sums.reset()
         done = p.samples_in_epoch // cfg.data.batch_size  # micro-batches already trained this epoch
         self.net.train()
-        for x, y in self.loaders.train:
+        for batch in self.loaders.train:
             if done >= batches or self.finished:
                 break
             done += 1
-            x = x.to(world.device, non_blocking=True, memory_format=self.input_format)
-            y = y.to(world.device, non_blocking=True)
             boundary = done % accum == 0
             with self.strategy.no_sync(self.net, sync=boundary):  # micro-steps accumulate, the last reduces
                 with self.strategy.autocast():
-                    out = self.net(x)
-                    if not self.checked:  # the first batch: what the model, loss and metrics give fits the task
-                        self.check_first_batch(out, y)
-                    loss = self.loss(out.float(), y)
-                if not self.checked:
-                    contracts.check_loss(loss, self.loss, self.custom_loss)
-                    self.checked = True
+                    loss, kept = self.step.forward(batch)
                 if cfg.debug.detect_anomaly and not torch.isfinite(loss):
                     raise Diverged(f"the training loss is {loss.item()} at epoch {p.epoch + 1} step {p.step} batch "
                                    f"{done - 1} (rank {world.rank}); debug=anomaly stopped at this first bad batch")
@@ -168,7 +157,7 @@ class Trainer:
                 objective = loss if penalty is None else loss + penalty
                 self.scaler.scale(objective / accum if accum > 1 else objective).backward()
             self.stop_vote.settle()  # the ranks' vote started after the last step, read before this one counts
-            self.epoch_sums.add(loss, out, y)
+            self.step.keep(loss, kept)
             if not boundary:
                 continue
             self.optimizer_step()
@@ -181,15 +170,13 @@ class Trainer:
                 self.log_step(loss.item(), **({} if penalty is None else {"l1_penalty": penalty.item()}))
             if p.step % self.sync_every == 0:
                 self.stop_vote.start(stop.received or 0, self.checkpointer.failed)
-            if not self.finished and done < batches and self.checkpointer.should_save(p.step, p.epoch,
-                                                                                      epoch_end=False):
+            if self.val_every and p.step % self.val_every == 0 and done < batches and not self.finished:
+                self.validate_mid_epoch()  # an epoch's last step is validated at its end
+            if not self.finished and done < batches and self.checkpointer.saved_step != p.step and \
+                    self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self.saved, p.step)  # a step that ends the epoch is saved there, once
         self.stop_vote.settle()  # stepping ended with a vote in flight: a stop now is after the last step
-        return {**self.task.reduce(self.epoch_sums.value(), self.strategy.dp.group), "complete": done >= batches}
-
-    def check_first_batch(self, out, y: torch.Tensor) -> None:
-        contracts.check_outputs(self.model, out, y, self.task.check, self.splits.out)
-        contracts.check_metrics(self.metrics, out, y)
+        return {**self.step.sums.reduce(self.strategy.dp.group), "complete": done >= batches}
 
     def optimizer_step(self) -> None:
         if self.config.trainer.grad_clip:
@@ -201,6 +188,25 @@ class Trainer:
         self.scheduler.step()
         self.progress.step += 1
 
+    def validate(self) -> dict:
+        self.strategy.sync_buffers(self.model)  # every rank evaluates and saves rank 0's model
+        val = self.evaluate(self.loaders.val)
+        self.callbacks.call("on_validation_end", self, val)
+        return val
+
+    def agree_to_stop(self) -> None:
+        if self.world.distributed:  # any rank's callback may have asked to stop: all stop together
+            self.should_stop = bool(w.max_over_ranks(int(self.should_stop), self.world.device))
+
+    def validate_mid_epoch(self) -> None:
+        """trainer.val_every_n_steps: its line, the stop agreement, and a checkpoint that may become the best."""
+        p, val = self.progress, self.validate()
+        self.logger.validation({"epoch": p.epoch + 1, "step": p.step, "lr": self.scheduler.get_last_lr()[0],
+                                **{f"val_{k}": v for k, v in reported(val).items()}})
+        self.agree_to_stop()
+        if self.checkpointer.enabled:
+            self.checkpointer.save(self.saved, p.step, val)
+
     def log_step(self, loss: float, **extra: float) -> None:
         p = self.progress
         check_finite(loss, p, self.world)
@@ -209,25 +215,49 @@ class Trainer:
         self.logger.step(metrics)
 
     def evaluate(self, loader, name: str = "val") -> dict:
-        return evaluate(self.model, loader, self.task, self.world, self.strategy.autocast, self.loss,
-                        self.config.debug.limit_batches, classes=self.splits.out,
-                        bar=lambda batches: self.logger.bar(batches, name, len(loader)), extra=self.metrics,
-                        lockstep=self.strategy.lockstep_forward, group=self.strategy.dp.group)
+        return evaluate_split(self, loader, name)
 
     def log_epoch(self, train: dict, val: dict, epoch_time: float, steps: int) -> None:
         penalty = optim.l1_penalty(self.parameters, self.config.optim.l1)
+        unit = self.unit
         metrics = {"epoch": self.progress.epoch + 1, "step": self.progress.step,  # epochs count from 1
-                   **{f"train_{k}": train[k] for k in self.task.metrics},
+                   **{f"train_{k}": v for k, v in reported(train).items()},
                    **({} if penalty is None else {"l1_penalty": penalty.item()}),
-                   **{f"val_{k}": val[k] for k in self.eval_names},
+                   **{f"val_{k}": v for k, v in reported(val).items()},
                    "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
                    "samples_per_sec": train["samples"] / max(epoch_time, 1e-9),
+                   **({f"{unit}s_per_sec": train["units"] / max(epoch_time, 1e-9)} if unit != "sample" else {}),
                    "step_time_s": epoch_time / max(steps, 1), "checkpoint_stall_s": self.checkpointer.take_stall()}
         self.callbacks.call("on_train_epoch_end", self, metrics)
         self.logger.epoch(metrics)
 
     def close(self) -> None:
         self.logger.close()
+
+
+def evaluate_split(t: Trainer, loader, name: str) -> dict:
+    """A split's metrics: the model's own validation_step (else its training_step's loss), or the task's."""
+    common = dict(limit=t.config.debug.limit_batches, lockstep=t.strategy.lockstep_forward,
+                  bar=lambda items: t.logger.bar(items, name, len(loader)), group=t.strategy.dp.group)
+    if isinstance(t.step, OwnStep):
+        return evaluate_own(t.model, lambda method, batch: getattr(t.model, method)(batch), loader, t.world,
+                            t.strategy.autocast, **common)
+    return evaluate(t.model, loader, t.task, t.world, t.strategy.autocast, t.loss, classes=t.splits.out,
+                    extra=t.metrics, **common)
+
+
+def make_step(t: Trainer) -> TaskStep | OwnStep:
+    """The model's own step where it has one, else the task's, each run through the strategy's wrapped module."""
+    if has_own_step(t.model):
+        return OwnStep(lambda name, batch: t.strategy.method(t.net, t.model, name)(batch), t.world.device)
+    return TaskStep(t.strategy.method(t.net, t.model, "forward"), t.model, t.task, t.loss, t.custom_loss, t.metrics,
+                    t.splits.out, t.world.device, t.input_format)
+
+
+def reported(metrics: dict) -> dict[str, float]:
+    """What a metrics dict reports as train_NAME / val_NAME: its numbers, not its counts or its matrices."""
+    return {k: v for k, v in metrics.items()
+            if k not in ("samples", "units", "complete") and isinstance(v, (int, float))}
 
 
 def check_finite(loss: float, p: Progress, world: w.World, what: str = "training loss") -> None:
@@ -262,11 +292,12 @@ def summary_of(t: Trainer, val: dict, test: Optional[dict], stopped_early: bool,
     return {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
             "epochs": p.epoch + (1 if p.samples_in_epoch else 0), "steps": p.step,  # an epoch max_steps cut counts
             "train_loss": (t.logger.last_epoch or {}).get("train_loss"),
-            **{f"val_{k}": val[k] for k in t.eval_names}, "val_samples": val["samples"],
-            **({f"test_{k}": test[k] for k in t.eval_names} if test is not None else {}),
+            **{f"val_{k}": v for k, v in reported(val).items()}, "val_samples": val["samples"],
+            **({f"test_{k}": v for k, v in reported(test).items()} if test is not None else {}),
             "monitor": t.checkpointer.monitor, "best": t.checkpointer.best, "stopped_early": stopped_early,
             "best_checkpoint": t.checkpointer.best_name(), "wall_time_s": timing["wall"],
             "samples_per_sec": timing["samples_per_sec"], "step_time_s": timing["step_time_s"],
+            **({f"{t.unit}s_per_sec": timing["units_per_sec"]} if t.unit != "sample" else {}),
             "world_size": t.world.world_size, "num_nodes": t.world.num_nodes, "device": str(t.world.device),
             "precision": cfg.trainer.precision.value, "optimizer_implementation": optim.implementation_of(t.optimizer),
             "run_dir": str(t.run)}

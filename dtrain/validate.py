@@ -82,6 +82,8 @@ def to_config(cfg: DictConfig, choices: Mapping[str, Sequence[str]],
     obj.model = typed_part("model", ModelConfig, obj.model, builtins.get("model", {}))
     obj.data = typed_part("data", DataConfig, obj.data, builtins.get("data", {}))
     obj.loss = plugins.from_node("loss", obj.loss) if obj.loss is not None else None
+    if obj.data.collate is not None:
+        obj.data.collate = plugins.from_node("data.collate", obj.data.collate)
     obj.metrics, obj.callbacks = named_targets("metrics", obj.metrics), named_targets("callbacks", obj.callbacks)
     validate(obj, choices, given)
     return obj
@@ -163,6 +165,8 @@ def check_targets(cfg: Config, given: frozenset[str] = frozenset()) -> None:
             builder.dtrain_check(cfg.data)
     if cfg.loss is not None and "loss" not in given:
         plugins.check_callable("loss", cfg.loss, positional=2)
+    if cfg.data.collate is not None:
+        plugins.check_callable("data.collate", cfg.data.collate, positional=1)
     for name, target in cfg.metrics.items():
         plugins.check_callable(f"metrics.{name}", target, positional=2)
     for name, target in cfg.callbacks.items():
@@ -175,9 +179,9 @@ POSITIVE = ("optim.lr", "data.batch_size", "data.eval_batch_size", "data.prefetc
             "logger.wandb_init_timeout_s", "checkpoint.keep_last")
 NON_NEGATIVE = ("optim.weight_decay", "optim.eps", "optim.momentum", "trainer.grad_clip", "trainer.label_smoothing",
                 "data.num_workers", "sched.warmup_steps", "sched.min_lr", "checkpoint.every_n_epochs",
-                "checkpoint.every_n_steps", "debug.limit_batches", "debug.overfit_batches", "launcher.nproc_per_node",
-                "launcher.nnodes", "launcher.max_restarts", "optim.l1", "optim.lr_decay", "data.crop_padding",
-                "data.rotate_degrees", "data.jitter", "trainer.early_stopping.patience",
+                "checkpoint.every_n_steps", "trainer.val_every_n_steps", "debug.limit_batches", "debug.overfit_batches",
+                "launcher.nproc_per_node", "launcher.nnodes", "launcher.max_restarts", "optim.l1", "optim.lr_decay",
+                "data.crop_padding", "data.rotate_degrees", "data.jitter", "trainer.early_stopping.patience",
                 "trainer.early_stopping.min_delta")
 # key -> (lowest, highest, whether each end is allowed, what to say)
 INTERVALS = {"trainer.label_smoothing": (0, 1, (True, False), "must be in [0, 1)"),

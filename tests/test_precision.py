@@ -175,11 +175,11 @@ def test_a_non_finite_loss_stops_training_with_what_to_do(tmp_path, quiet_logs):
     trainer = make_trainer(tmp_path, "trainer.log_every_n_steps=1", *SMALL)
     net = trainer.net
 
-    class Poisoned(torch.nn.Module):  # what the loop runs forward on, its outputs made NaN
+    class Poisoned(torch.nn.Module):  # what the step calls for the outputs, made NaN
         def forward(self, x):
             return net(x) * float("nan")
 
-    trainer.net = Poisoned()
+    trainer.step.call = Poisoned()
     with pytest.raises(FloatingPointError, match=r"the training loss is nan at epoch 1 step 1 \(rank 0\); lower "
                                                  r"optim.lr, set trainer.grad_clip, or find the first bad batch"):
         trainer.fit()

@@ -134,3 +134,21 @@ def test_no_module_of_dtrain_imports_itself_round_a_circle():
 
     circles = [c for m in sorted(edges) if (c := circle_from(m))]
     assert not circles, circles[0]
+
+
+@pytest.mark.unit
+def test_the_rooms_stay_small_modules_functions_and_the_trainer():
+    """Modules of at most 400 lines, functions of at most 60, the Trainer under 200."""
+    import ast
+    too_long = []
+    for path in sorted((ROOT / "dtrain").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 400:
+            too_long.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > 60:
+                too_long.append(f"{path.name}: {node.name} {size} lines")
+            if isinstance(node, ast.ClassDef) and node.name == "Trainer" and size >= 200:
+                too_long.append(f"Trainer {size} lines")
+    assert not too_long, too_long

@@ -13,8 +13,8 @@ from dtrain import world as w
 from dtrain.config import BUILTIN_DATA, DATA_OFFERS, DataConfig
 from dtrain.data.core import Splits, Tensors, ToFloat, split_indices, tensor_splits
 from dtrain.data.images import SAMPLE_DIR, cifar10, imagefolder, mnist, mnist_sample, read_idx, read_idx_pair, read_rgb
-from dtrain.data.loaders import (DeviceLoader, Loaders, ShardSampler, StreamLoader, TrainSampler, epoch_order,
-                                 eval_loader, loaders, on_device, train_loader)
+from dtrain.data.loaders import (DeviceLoader, Loaders, ShardSampler, StreamLoader, TrainSampler, collate_of,
+                                 epoch_order, eval_loader, loaders, on_device, train_loader)
 from dtrain.data.tables import csv_table, read_table, regression, regression_truth, synthetic, table_columns
 from dtrain.data.user import as_splits
 
@@ -35,4 +35,4 @@ __all__ = ["Splits", "Tensors", "ToFloat", "split_indices", "tensor_splits", "SA
            "read_idx_pair", "read_rgb", "mnist_sample", "mnist", "cifar10", "imagefolder", "synthetic", "regression",
            "regression_truth", "csv_table", "read_table", "table_columns", "epoch_order", "TrainSampler",
            "StreamLoader", "DeviceLoader", "ShardSampler", "Loaders", "on_device", "train_loader", "eval_loader",
-           "loaders", "BUILTIN", "build", "as_splits"]
+           "loaders", "BUILTIN", "build", "as_splits", "collate_of"]

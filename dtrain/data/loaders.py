@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from dtrain import signals
+from dtrain import plugins, signals
 from dtrain import world as w
 from dtrain.config import Config, DataConfig, DataPath
 from dtrain.data.core import Splits, Tensors
@@ -74,11 +74,19 @@ class StreamLoader(DataLoader):
 
 
 def _worker_errors_in_one_line(batches):
-    """A DataError raised in a worker arrives wrapped in the worker's traceback; keep its own line."""
+    """A DataError raised in a worker arrives wrapped in the worker's traceback; keep its own line. Items
+    that torch's default collate cannot stack (variable lengths) are one line naming data.collate."""
     try:
         yield from batches
     except DataError as e:
         raise DataError(str(e).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        why = next(line for line in str(e).splitlines() if "stack expects" in line).strip()
+        raise DataError(f"the items of a batch do not stack into one tensor ({why}): give a collate function "
+                        "that pads them, data.collate: {_target_: your.module.pad} (or dtrain.fit(..., "
+                        "collate=pad))") from None
 
 
 def _init_worker(then: Optional[Callable[[int], None]], worker_id: int) -> None:
@@ -136,7 +144,7 @@ def on_device(ds: Dataset, cfg: DataConfig) -> bool:
     return False
 
 
-def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True):
+def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True, collate: Optional[Callable] = None):
     per_rank = cfg.data.batch_size // world.world_size
     sampler = TrainSampler(len(ds), world, shuffle, cfg.seed, cfg.data.drop_last)
     if len(sampler) < per_rank and cfg.data.drop_last:
@@ -146,19 +154,29 @@ def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True)
         return DeviceLoader(ds, world, per_rank, train=True, seed=cfg.seed, shuffle=shuffle,
                             drop_last=cfg.data.drop_last)
     return StreamLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=cfg.data.drop_last,
-                        generator=torch.Generator().manual_seed(cfg.seed + world.rank), **_stream_options(cfg, world))
+                        generator=torch.Generator().manual_seed(cfg.seed + world.rank),
+                        **_stream_options(cfg, world, collate))
 
 
-def eval_loader(ds: Dataset, cfg: Config, world: w.World):
+def eval_loader(ds: Dataset, cfg: Config, world: w.World, collate: Optional[Callable] = None):
     per_rank = cfg.data.eval_batch_size // world.world_size
     if on_device(ds, cfg.data):
         return DeviceLoader(ds, world, per_rank, train=False)
-    return StreamLoader(ds, batch_size=per_rank, sampler=ShardSampler(len(ds), world), **_stream_options(cfg, world))
+    return StreamLoader(ds, batch_size=per_rank, sampler=ShardSampler(len(ds), world),
+                        **_stream_options(cfg, world, collate))
 
 
-def _stream_options(cfg: Config, world: w.World) -> dict:
+def collate_of(cfg: DataConfig, given: Optional[Callable] = None) -> Optional[Callable]:
+    """dtrain.fit's collate function, or the one data.collate names (with its keyword arguments), or None."""
+    if given is not None or cfg.collate is None:
+        return given
+    fn = plugins.resolve("data.collate", cfg.collate.path)
+    return functools.partial(fn, **cfg.collate.kwargs) if cfg.collate.kwargs else fn
+
+
+def _stream_options(cfg: Config, world: w.World, collate: Optional[Callable] = None) -> dict:
     d, workers = cfg.data, cfg.data.num_workers
-    return {"num_workers": workers,
+    return {"num_workers": workers, **({"collate_fn": collate} if collate is not None else {}),
             "pin_memory": world.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
             "persistent_workers": d.persistent_workers and workers > 0,
             "prefetch_factor": d.prefetch_factor if workers > 0 else None}
@@ -184,7 +202,7 @@ class Loaders:
     test: Optional[DeviceLoader | StreamLoader]
 
 
-def loaders(splits: Splits, cfg: Config, world: w.World) -> Loaders:
+def loaders(splits: Splits, cfg: Config, world: w.World, collate: Optional[Callable] = None) -> Loaders:
     """The rank-aware loaders of a run. debug.overfit_batches trains and validates on the same few fixed
     batches (and has no test)."""
     train, val, test = splits.train, splits.val, splits.test
@@ -192,5 +210,6 @@ def loaders(splits: Splits, cfg: Config, world: w.World) -> Loaders:
         first = range(min(len(train), cfg.debug.overfit_batches * cfg.data.batch_size))
         train = val = train.take(first) if isinstance(train, Tensors) else Subset(train, first)
         test = None
-    return Loaders(train_loader(train, cfg, world, shuffle=not cfg.debug.overfit_batches),
-                   eval_loader(val, cfg, world), eval_loader(test, cfg, world) if test is not None else None)
+    return Loaders(train_loader(train, cfg, world, shuffle=not cfg.debug.overfit_batches, collate=collate),
+                   eval_loader(val, cfg, world, collate), eval_loader(test, cfg, world, collate) if test is not None
+                   else None)

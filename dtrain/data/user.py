@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-from dtrain import tasks
+from dtrain import batches, tasks
 from dtrain.config import DataConfig
 from dtrain.data.core import Splits, Tensors, split_indices
 from dtrain.errors import ConfigError
@@ -46,8 +46,8 @@ def as_splits(made: Any, cfg: DataConfig) -> Splits:
     if problem:
         raise ConfigError(f"data: {cfg.factory}: {problem}")
     classes, out = task.outputs(made if isinstance(made, Dataset) else made["train"], train, y)
-    return Splits(train, val, test, task.name, tuple(x.shape), out, classes,
-                  input_dtype=str(x.dtype).removeprefix("torch."))
+    return Splits(train, val, test, task.name, tuple(x.shape) if x is not None else (), out, classes,
+                  input_dtype=str(x.dtype).removeprefix("torch.") if x is not None else None)
 
 
 def _dataset(cfg: DataConfig, ds: Any, split: str) -> Optional[Dataset]:
@@ -68,13 +68,17 @@ def _subset(ds: Dataset, index: torch.Tensor) -> Dataset:
     return ds.take(index) if isinstance(ds, Tensors) else Subset(ds, index.tolist())
 
 
-def _first_item(cfg: DataConfig, ds: Dataset) -> tuple[torch.Tensor, Any]:
+def _first_item(cfg: DataConfig, ds: Dataset) -> tuple[Optional[torch.Tensor], Any]:
+    """The first item's input (its first tensor, for a structured input: a dict or a tuple of tensors) and
+    target. An item that is not an (input, target) pair has no target: a model with its own training_step
+    takes it as it is (the `free` task)."""
     item = ds[0]
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise ConfigError(f"data: an item of {cfg.factory} is a {type(item).__name__}"
-                          f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}; expected an "
-                          "(input, target) pair")
-    if type(item[0]).__module__.startswith("PIL."):
+    pair = isinstance(item, (tuple, list)) and len(item) == 2
+    x, y = (item[0], item[1]) if pair else (item, None)
+    if any(type(v).__module__.startswith("PIL.") for v in (x, y)):
         raise ConfigError(f"data: an item of {cfg.factory} holds a PIL image; give the data set a transform that "
                           "makes it a tensor (torchvision.transforms.PILToTensor(), or ToTensor() for floats in 0..1)")
-    return torch.as_tensor(item[0]), item[1]
+    first = batches.first_tensor(x)
+    if first is None and not isinstance(x, (dict, list, tuple)):
+        first = torch.as_tensor(x)
+    return first, y

@@ -88,6 +88,11 @@ class Strategy:
         """The module the loop calls forward on (wrapped for the world); `model` stays the plain module."""
         return model
 
+    def method(self, net: nn.Module, model: nn.Module, name: str) -> Callable[..., Any]:
+        """The model's method `name` (forward, training_step, validation_step) run through the wrapped module,
+        so the strategy's hooks fire for it as for forward."""
+        return net if name == "forward" else getattr(model, name)
+
     # -- precision ------------------------------------------------------------------------------------------
 
     def autocast(self) -> ContextManager:

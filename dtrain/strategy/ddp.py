@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-from typing import ContextManager
+from typing import Any, Callable, ContextManager
 
 from torch import nn
 
 from dtrain.errors import ConfigError
+from dtrain.steps import has_own_step
 from dtrain.strategy.base import Strategy
 
 # dist.* keys that are DistributedDataParallel's own options, passed through with PyTorch's defaults
@@ -30,6 +32,18 @@ class _DDP(nn.parallel.DistributedDataParallel):
                               "dist.find_unused_parameters=true, or make every parameter take part in the loss") from e
 
 
+class StepDispatch(nn.Module):
+    """The user's model, whose forward runs one of its methods by name: what DDP wraps when the model has its own
+    training_step, so DDP's gradient hooks fire for it exactly as for forward (as Lightning's wrapper does)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, name: str, *args, **kwargs):
+        return getattr(self.model, name)(*args, **kwargs)
+
+
 class DDP(Strategy):
     name = "ddp"
     describe = "DistributedDataParallel"
@@ -47,7 +61,12 @@ class DDP(Strategy):
         if "forward_sync_buffers" in inspect.signature(_DDP.__init__).parameters:
             options["forward_sync_buffers"] = options.pop("broadcast_buffers")  # its name since PyTorch 2.12
         device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
-        return _DDP(model, device_ids=device_ids, **options)
+        return _DDP(StepDispatch(model) if has_own_step(model) else model, device_ids=device_ids, **options)
+
+    def method(self, net: nn.Module, model: nn.Module, name: str) -> Callable[..., Any]:
+        if name == "forward" or not isinstance(net.module, StepDispatch):
+            return super().method(net, model, name)
+        return functools.partial(net, name)
 
     def no_sync(self, net: nn.Module, sync: bool) -> ContextManager:
         return super().no_sync(net, sync) if sync else net.no_sync()

@@ -67,7 +67,7 @@ class FSDP(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
         mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
         reshard = self.cfg.dist.fsdp.reshard_after_forward
         if self.precision == Precision.bf16:
@@ -83,6 +83,9 @@ class FSDP(Strategy):
         for block in blocks_of(model, self.blocks):
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        for name in ("training_step", "validation_step"):  # the model's own steps unshard as forward does
+            if callable(getattr(model, name, None)):
+                register_fsdp_forward_method(model, name)
         return model
 
     def no_sync(self, net: nn.Module, sync: bool) -> ContextManager:

@@ -4,8 +4,9 @@ sums become once reduced over the data-parallel ranks (and which only evaluation
 targets and classes from a data set, what it offers a model factory, and how predictions are written. The
 loop, evaluation, the data sets and inference call these and never test a task's name.
 
-Sums are kept on the device in float64 as [loss sum, units, *extras], so accumulating them never
-synchronises the host.
+Sums are kept on the device in float64 as [loss sum, units, samples, *extras] (a unit is what the loss and
+the extras average over: a sample, a pixel, a token; samples count the batch for throughput), so accumulating
+them never synchronises the host.
 """
 
 from __future__ import annotations
@@ -46,18 +47,27 @@ class Task:
         """One sum per name of `extras` over this batch's units."""
         return []
 
-    def units(self, y: torch.Tensor) -> int:
-        """What the batch's mean loss averages over, as a count: samples (a pixel or a token for other tasks)."""
+    unit: ClassVar[str] = "sample"  # what `units` counts; a task whose unit is not the sample reports UNITs_per_sec
+
+    def units(self, y: torch.Tensor) -> int | torch.Tensor:
+        """What the batch's mean loss averages over, as a count: samples (pixels or tokens for other tasks; a
+        tensor on the device where it depends on the targets, e.g. those not ignored)."""
         return y.shape[0]
+
+    def derived(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the reduced means (a perplexity from the loss)."""
+        return {}
 
     def check(self, out: torch.Tensor, y: torch.Tensor, classes: int) -> Optional[str]:
         """What breaks the task's contract with the model in a first batch, or None."""
         return None
 
+    derived_names: ClassVar[tuple[str, ...]] = ()  # what `derived` adds
+
     @property
     def metrics(self) -> tuple[str, ...]:
         """What training reports (train_*), from per-batch sums."""
-        return ("loss", *self.extras)
+        return ("loss", *self.extras, *self.derived_names)
 
     @property
     def eval_metrics(self) -> tuple[str, ...]:
@@ -65,19 +75,20 @@ class Task:
         return (*self.metrics, *self.evaluated)
 
     def batch_sums(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[loss sum, units, *extras] of one batch whose mean loss is `loss`."""
-        n = torch.tensor(float(self.units(y)), dtype=torch.float64, device=loss.device)
-        return torch.stack([loss.double() * n, n, *(s.double() for s in self.extra_sums(out, y))])
+        """[loss sum, units, samples, *extras] of one batch whose mean loss is `loss`."""
+        n = torch.as_tensor(self.units(y), dtype=torch.float64, device=loss.device)
+        samples = torch.tensor(float(y.shape[0]), dtype=torch.float64, device=loss.device)
+        return torch.stack([loss.double() * n, n, samples, *(s.double() for s in self.extra_sums(out, y))])
 
     def zeros(self, device: torch.device) -> torch.Tensor:
-        return torch.zeros(2 + len(self.extras), dtype=torch.float64, device=device)
+        return torch.zeros(3 + len(self.extras), dtype=torch.float64, device=device)
 
     def reduce(self, sums: torch.Tensor, group: Any = None) -> dict[str, float]:
         """This rank's sums -> means over every data-parallel rank's units (one all-reduce, one host sync)."""
         values = w.all_reduce_sum(sums.clone(), group).tolist()
         n = max(values[1], 1)
-        return {"loss": values[0] / n, "samples": int(values[1]),
-                **{name: v / n for name, v in zip(self.extras, values[2:])}}
+        means = {"loss": values[0] / n, **{name: v / n for name, v in zip(self.extras, values[3:])}}
+        return {**means, **self.derived(means), "samples": int(values[2]), "units": values[1]}
 
     def evaluator(self, classes: int, device: torch.device, group: Any = None) -> Evaluator:
         return Evaluator()
@@ -127,7 +138,8 @@ class EpochSums:
     def __init__(self, task: Task, device: torch.device, hold_bytes: int = 1 << 20):
         self.task, self.total, self.hold_bytes = task, task.zeros(device), hold_bytes
         self.losses: list[torch.Tensor] = []  # each batch's mean loss
-        self.counts: list[int] = []  # and its units
+        self.counts: list[int | torch.Tensor] = []  # and its units
+        self.samples = 0  # samples added since the last fold
         self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outputs, targets) not yet in the extras
         self.extras: list[torch.Tensor] = []  # extra sums of folded outputs, [len(task.extras)] each
         self.held = 0  # bytes of self.outputs
@@ -135,6 +147,7 @@ class EpochSums:
     def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
         self.losses.append(loss.detach())
         self.counts.append(self.task.units(y))
+        self.samples += y.shape[0]
         if self.task.extras:
             self.outputs.append((out.detach(), y))
             # What holding them keeps alive: a view's whole storage (a model may return part of a tensor).
@@ -158,19 +171,59 @@ class EpochSums:
     def value(self) -> torch.Tensor:
         self._fold_outputs()
         if self.losses:
-            n = torch.tensor(self.counts, dtype=torch.float64, device=self.total.device)
-            self.total[:2] += torch.stack([(torch.stack(self.losses).double() * n).sum(), n.sum()])
+            device = self.total.device
+            n = torch.tensor(self.counts, dtype=torch.float64, device=device) \
+                if all(isinstance(c, int) for c in self.counts) else \
+                torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in self.counts])
+            self.total[:3] += torch.stack([(torch.stack(self.losses).double() * n).sum(), n.sum(),
+                                           torch.tensor(float(self.samples), dtype=torch.float64, device=device)])
             self.losses.clear()
             self.counts.clear()
+            self.samples = 0
         if self.extras:
-            self.total[2:] += torch.stack(self.extras).sum(0)
+            self.total[3:] += torch.stack(self.extras).sum(0)
             self.extras.clear()
         return self.total
+
+    def reduce(self, group: Any = None) -> dict[str, float]:
+        """The epoch's means over every data-parallel rank (one all-reduce)."""
+        return self.task.reduce(self.value(), group)
 
     def reset(self, total: torch.Tensor | None = None) -> None:
         self.losses.clear()
         self.counts.clear()
+        self.samples = 0
         self.outputs.clear()
         self.extras.clear()
         self.held = 0
-        self.total.copy_(total) if total is not None else self.total.zero_()
+        self.total.copy_(total) if total is not None else self.total.zero_()  # copy_ moves it to the device
+
+
+class NamedSums:
+    """A rank's running sums of named batch means (what a model's own training_step or validation_step returns),
+    each weighted by the batch's sample count, on the device: the names are fixed by the first batch. Reduced
+    over the data-parallel ranks, each becomes the mean over every sample."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.names = device, None
+        self.total: Optional[torch.Tensor] = None  # [value * samples for each name..., samples]
+
+    def add(self, values: dict[str, torch.Tensor], samples: int) -> None:
+        if self.names is None:
+            self.names = list(values)
+        n = torch.tensor(float(samples), dtype=torch.float64, device=self.device)
+        batch = torch.stack([*(values[k].detach().double().reshape(()) * n for k in self.names), n])
+        self.total = batch if self.total is None else self.total + batch
+
+    def value(self) -> torch.Tensor:
+        width = len(self.names) + 1 if self.names is not None else 1
+        return self.total if self.total is not None else torch.zeros(width, dtype=torch.float64, device=self.device)
+
+    def reduce(self, group: Any = None) -> dict[str, float]:
+        values = w.all_reduce_sum(self.value().clone(), group).tolist()
+        n = max(values[-1], 1)
+        return {**{name: v / n for name, v in zip(self.names or [], values)}, "samples": int(values[-1]),
+                "units": values[-1]}
+
+    def reset(self, total: torch.Tensor | None = None) -> None:
+        self.total = None if total is None else total.to(self.device).clone()
