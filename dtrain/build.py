@@ -81,7 +81,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     seed_everything(cfg.seed + plan.dp.rank)  # data-parallel ranks draw different augmentation/dropout noise
     loaders = data.loaders(splits, cfg, plan.data_world, data.collate_of(cfg.data, given.collate))
     steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
-    optimizer = optim.build_optimizer(list(model.parameters()), cfg.optim, world.device.type,
+    optimizer = optim.build_optimizer(model, cfg.optim, world.device.type,
                                       sharded=plan.shards_parameters, sparse=optim.makes_sparse_gradients(model))
     metrics = objective.make_metrics(cfg, given.metrics, world.device)
     own = has_own_step(model)  # its validation_step says what it reports, once it has run

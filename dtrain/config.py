@@ -120,6 +120,11 @@ class OptimConfig:
     lr_decay: float = 0.0  # adagrad
     implementation: OptimImpl = OptimImpl.auto  # the summary's optimizer_implementation says which ran
     l1: float = 0.0  # L1 penalty: l1 * sum(|w|) over all parameters added to the loss (reported as l1_penalty)
+    # Parameter groups: [{params: GLOB, ...options}], globs over named_parameters() names, the first match
+    # wins, the rest in the default group; options are any the optimizer takes (lr, weight_decay, ...)
+    param_groups: list = field(default_factory=list)
+    factory: Optional[str] = None  # `_target_`: an optimizer class of your own (torch.optim.NAdam, ...)
+    kwargs: dict = field(default_factory=dict)  # its other keyword arguments
 
 
 @dataclass
@@ -256,7 +261,9 @@ class Config:
     loss: Any = None  # {_target_: an nn.Module loss, or a function (output, target) -> scalar}; None: the task's
     metrics: Any = field(default_factory=dict)  # name -> {_target_: ...}: extra validation metrics
     callbacks: Any = field(default_factory=dict)  # name -> {_target_: ...}: see dtrain/callbacks.py
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # optim is dtrain's optimizer by name (optim.name) with its keys, or `_target_` an optimizer class of your own
+    # with its keyword arguments: composed as a plain dict, typed as OptimConfig by `to_config`
+    optim: Any = field(default_factory=lambda: own_defaults(OptimConfig))
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -324,7 +331,7 @@ DATA_OFFERS = ("options", "world")  # what dtrain passes a data factory that tak
 def as_dict(cfg: Any) -> Any:
     """Plain values only (enums as their names), as checkpoints and summaries store them; model and data
     as the config wrote them (`_target_` beside their keyword arguments and dtrain's keys)."""
-    if isinstance(cfg, (ModelConfig, DataConfig)):
+    if isinstance(cfg, (ModelConfig, DataConfig, OptimConfig)):
         own = {f.name: as_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if f.name not in ("factory", "kwargs")}
         return {"_target_": cfg.factory, **own, **as_dict(cfg.kwargs)}

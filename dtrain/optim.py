@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from dtrain import plugins
 from dtrain.config import OptimConfig, SchedConfig
 from dtrain.errors import ConfigError
 
@@ -38,6 +42,8 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 
 def implementation(cfg: OptimConfig, device_type: str, sharded: bool, sparse: bool = False) -> str:
+    if cfg.factory:  # an optimizer class of the user's own: where it takes the choice (build_optimizer)
+        return _own_implementation(cfg, device_type, sharded, sparse)
     """fused, foreach or loop: optim.implementation, where auto is fused wherever PyTorch has the kernel
     for this optimizer, device and strategy, else foreach (one op over all parameters' lists). `sparse`:
     the model makes sparse gradients (nn.Embedding(sparse=True)), which only the loop takes (fused kernels
@@ -64,9 +70,39 @@ def makes_sparse_gradients(model: torch.nn.Module) -> bool:
 
 def check(cfg: OptimConfig, sharded: bool) -> None:
     """The optimizer settings that are wrong on any device, refused before anything is built."""
+    if cfg.factory:
+        _own_arguments(cfg)
+    elif cfg.kwargs:
+        key = next(iter(cfg.kwargs))
+        close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(OptimConfig)], n=1)
+        raise ConfigError(f"optim.{key}: no such key ({f'did you mean optim.{close[0]}? ' if close else ''}dtrain's "
+                          f"{cfg.name} takes none; an optimizer class of your own, optim._target_=..., takes any)")
     if cfg.name == "sgd" and cfg.nesterov and cfg.momentum <= 0:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (got {cfg.momentum})")
+    for i, group in enumerate(cfg.param_groups):
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), str):
+            raise ConfigError(f"optim.param_groups[{i}]={group!r}: each group is {{params: GLOB, ...options}}, "
+                              "GLOB over the model's parameter names (backbone.*)")
     implementation(cfg, "cpu", sharded)
+
+
+def param_groups(model: torch.nn.Module, specs: list) -> list[dict]:
+    """The model's parameters in optim.param_groups' groups: each glob over `named_parameters()` names takes the
+    parameters it matches that no earlier one took, with its options; the rest form the default group. A glob
+    that matches nothing is refused (a misspelt name would be ignored)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    taken: set[str] = set()
+    groups = []
+    for i, spec in enumerate(specs):
+        mine = [(n, p) for n, p in named if n not in taken and fnmatch.fnmatchcase(n, spec["params"])]
+        if not mine:
+            examples = ", ".join(n for n, _ in named[:4])
+            raise ConfigError(f"optim.param_groups[{i}].params={spec['params']!r} matches no parameter of the "
+                              f"model, whose names are like {examples}")
+        taken |= {n for n, _ in mine}
+        groups.append({**{k: v for k, v in spec.items() if k != "params"}, "params": [p for _, p in mine]})
+    rest = [p for n, p in named if n not in taken]
+    return ([{"params": rest}] if rest else []) + groups
 
 
 def l1_penalty(params: list[torch.Tensor], coefficient: float) -> torch.Tensor | None:
@@ -77,12 +113,55 @@ def l1_penalty(params: list[torch.Tensor], coefficient: float) -> torch.Tensor |
     return coefficient * torch.stack([p.abs().sum() for p in params]).sum()
 
 
-def build_optimizer(params: Iterable, cfg: OptimConfig, device_type: str = "cpu", sharded: bool = False,
-                    sparse: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable | torch.nn.Module, cfg: OptimConfig, device_type: str = "cpu",
+                    sharded: bool = False, sparse: bool = False) -> torch.optim.Optimizer:
+    """The optimizer over a model's parameters (in optim.param_groups' groups) or a list of parameters."""
     check(cfg, sharded)
-    spec, impl = OPTIMIZERS[cfg.name], implementation(cfg, device_type, sharded, sparse)
-    choice = {"foreach": impl == "foreach", **({"fused": impl == "fused"} if spec.fused else {})}
-    return spec.cls(params, **spec.args(cfg), **choice)
+    groups = param_groups(params, cfg.param_groups) if isinstance(params, torch.nn.Module) else list(params)
+    impl = implementation(cfg, device_type, sharded, sparse)
+    if cfg.factory:
+        cls, args = _own_arguments(cfg)
+        choice = {k: impl == k for k in ("fused", "foreach") if k in plugins.accepted(cls, {k: None})}
+    else:
+        spec = OPTIMIZERS[cfg.name]
+        cls, args = spec.cls, spec.args(cfg)
+        choice = {"foreach": impl == "foreach", **({"fused": impl == "fused"} if spec.fused else {})}
+    optimizer = cls(groups, **args, **choice)
+    for i, group in enumerate(cfg.param_groups):
+        unknown = sorted(set(group) - {"params"} - set(optimizer.defaults))
+        if unknown:
+            raise ConfigError(f"optim.param_groups[{i}]: {unknown[0]!r} is not an option of {cls.__name__} (its "
+                              f"options: {', '.join(k for k in optimizer.defaults if not k.startswith('_'))})")
+    return optimizer
+
+
+def _own_arguments(cfg: OptimConfig) -> tuple[type, dict]:
+    """An optimizer class of the user's own and its keyword arguments: optim.lr, the config's other keys for it,
+    and those of dtrain's own keys (weight_decay, betas, momentum, eps, ...) the class takes and the config sets
+    to other than their defaults."""
+    cls = plugins.check("optim", cfg.factory, cfg.kwargs, offers=("lr",), positional=1)
+    defaults = OptimConfig()
+    own = {k: getattr(cfg, k) for k in ("weight_decay", "momentum", "nesterov", "betas", "eps", "alpha", "lr_decay")
+           if getattr(cfg, k) != getattr(defaults, k)}
+    accepted = plugins.accepted(cls, own)
+    refused = sorted(own.keys() - accepted.keys())
+    if refused:
+        raise ConfigError(f"optim: {cfg.factory} takes no argument {refused[0]!r} (set it for dtrain's own "
+                          "optimizers only, or leave it at its default)")
+    return cls, {"lr": cfg.lr, **{k: tuple(v) if isinstance(v, list) else v for k, v in accepted.items()},
+                 **cfg.kwargs}
+
+
+def _own_implementation(cfg: OptimConfig, device_type: str, sharded: bool, sparse: bool) -> str:
+    """fused, foreach or loop for an optimizer class of the user's own: what it takes, as for dtrain's own."""
+    takes = plugins.accepted(plugins.resolve("optim", cfg.factory), {"fused": None, "foreach": None})
+    chosen = cfg.implementation.value
+    if chosen == "auto":
+        return "loop" if sparse else "foreach" if "foreach" in takes else "loop"
+    if chosen != "loop" and chosen not in takes:
+        raise ConfigError(f"optim.implementation={chosen}: {cfg.factory} takes no {chosen}= argument; use "
+                          "optim.implementation=auto or loop")
+    return chosen
 
 
 def implementation_of(optimizer: torch.optim.Optimizer) -> str:
@@ -111,8 +190,9 @@ SCHEDULES = (*_DECAYS, "onecycle")
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, lr: float, total_steps: int,
                     steps_per_epoch: int) -> LRScheduler:
-    if cfg.name == "onecycle":  # warms up by itself (validation rejects an extra warm-up)
-        return OneCycleLR(opt, max_lr=lr, total_steps=max(1, total_steps), pct_start=cfg.pct_start)
+    if cfg.name == "onecycle":  # warms up by itself (validation rejects an extra warm-up); each group its own peak
+        return OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, total_steps),
+                          pct_start=cfg.pct_start)
     decay, warm = _DECAYS[cfg.name], cfg.warmup_steps
     if cfg.name == "none" and not warm:
         return Constant(opt)

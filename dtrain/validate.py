@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import plugins
 from dtrain import world as world_env
-from dtrain.config import DATA_OFFERS, MODEL_OFFERS, Config, DataConfig, ModelConfig, Precision, own_defaults
+from dtrain.config import (DATA_OFFERS, MODEL_OFFERS, Config, DataConfig, ModelConfig, OptimConfig, Precision,
+                           own_defaults)
 from dtrain.errors import ConfigError
 
 
@@ -81,6 +82,9 @@ def to_config(cfg: DictConfig, choices: Mapping[str, Sequence[str]],
     assert isinstance(obj, Config)
     obj.model = typed_part("model", ModelConfig, obj.model, builtins.get("model", {}))
     obj.data = typed_part("data", DataConfig, obj.data, builtins.get("data", {}))
+    obj.optim = typed_part("optim", OptimConfig, obj.optim, {})
+    if obj.optim.factory:  # an optimizer class of the user's own is named after it
+        obj.optim.name = plugins.short_name(obj.optim.factory).lower()
     obj.loss = plugins.from_node("loss", obj.loss) if obj.loss is not None else None
     if obj.data.collate is not None:
         obj.data.collate = plugins.from_node("data.collate", obj.data.collate)
@@ -200,6 +204,8 @@ def get(cfg: Config, key: str) -> Any:
 def validate(cfg: Config, choices: Mapping[str, Sequence[str]], given: frozenset[str] = frozenset()) -> None:
     """Check every value once, before anything is built. Raises ConfigError naming the key."""
     for key, names in choices.items():  # "optim": optim.name; "data.augment": each name in the list
+        if key == "optim" and cfg.optim.factory:  # an optimizer class of the user's own: its _target_ checks it
+            continue
         value = get(cfg, key if "." in key else f"{key}.name")
         for one in value if isinstance(value, list) else [value]:
             _one_of(key, one, sorted(names))
