@@ -170,7 +170,7 @@ def test_meta_init_never_materialises_the_whole_model_on_a_rank(tmp_path):
 
 
 MATERIALISED = '''
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -188,11 +188,11 @@ class Tally(TorchDispatchMode):  # every tensor created on a real device while t
         return out
 
 original = build.make_model
-def tallied(cfg, world, *args):
+def tallied(*args, **kwargs):  # the model as the config names it, before the strategy shards it
     with Tally() as tally:
-        made = original(cfg, world, *args)
+        made = original(*args, **kwargs)
     run_dir = Path(sys.argv[-1].split("=", 1)[1])  # hydra.run.dir=..., the last argument
-    (run_dir / f"made-rank{world.rank}.json").write_text(
+    (run_dir / f"made-rank{os.environ['RANK']}.json").write_text(
         json.dumps({"largest": max(tally.sizes, default=0), "total": sum(tally.sizes)}))
     return made
 build.make_model = tallied
@@ -208,21 +208,21 @@ from pathlib import Path
 import torch
 from dtrain import build, trainer
 
-made = build.make_model
-def counting(cfg, world, *args):  # LeNet's fc1 (a block: a Linear) counts the forwards it runs with autograd on
-    model, plan, net = made(cfg, world, *args)
-    block, forward, model.forwards = model.fc1, model.fc1.forward, [0]
+made, forwards = build.make_model, [0]
+def counting(*args, **kwargs):  # LeNet's fc1 (a block: a Linear) counts the forwards it runs with autograd on
+    model = made(*args, **kwargs)
+    forward = model.fc1.forward
     def counted(*a, **k):
-        model.forwards[0] += torch.is_grad_enabled()  # training and backward's recomputation; not evaluation
+        forwards[0] += torch.is_grad_enabled()  # training and backward's recomputation; not evaluation
         return forward(*a, **k)
-    block.forward = counted
-    return model, plan, net
+    model.fc1.forward = counted
+    return model
 build.make_model = counting
 
 fit = trainer.Trainer.fit
 def fit_and_write(self):
     result = fit(self)
-    (self.run.path / f"forwards-rank{self.world.rank}.txt").write_text(str(self.model.forwards[0]))
+    (self.run.path / f"forwards-rank{self.world.rank}.txt").write_text(str(forwards[0]))
     return result
 trainer.Trainer.fit = fit_and_write
 
