@@ -10,6 +10,7 @@ Each of model, data, loss, metrics and callbacks comes from its `_target_` in th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,8 @@ from dtrain.checkpoint import seed_everything
 from dtrain.checkpointer import Checkpointer
 from dtrain.config import Config, Precision, as_dict, flat
 from dtrain.errors import ConfigError
+from dtrain.logs import log
+from dtrain.validate import fail
 from dtrain.sinks import Context, MetricLogger
 from dtrain.rundir import RunDir
 from dtrain.steps import has_own_step
@@ -60,8 +63,8 @@ class Parts:
     callbacks: cb.Callbacks
     logger: MetricLogger
     checkpointer: Checkpointer
-    steps_per_epoch: int
-    total_steps: int
+    steps_per_epoch: float  # inf for a stream
+    total_steps: float  # inf for a stream without trainer.max_steps
     input_format: torch.memory_format = torch.preserve_format
     custom_loss: bool = False  # the loss is the user's (named in its errors), not the task's
 
@@ -80,12 +83,20 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
         net = torch.compile(net)
     seed_everything(cfg.seed + plan.dp.rank)  # data-parallel ranks draw different augmentation/dropout noise
     loaders = data.loaders(splits, cfg, plan.data_world, data.collate_of(cfg.data, given.collate))
-    steps_per_epoch, total_steps = schedule_length(cfg, len(loaders.train))
+    stream = data.is_stream(splits.train)  # one pass of it is an epoch, of a length not known in advance
+    steps_per_epoch, total_steps = schedule_length(cfg, None if stream else len(loaders.train),
+                                                   endless=stream and not data.streams.has_length(splits.train))
     optimizer = optim.build_optimizer(model, cfg.optim, world.device.type,
                                       sharded=plan.shards_parameters, sparse=optim.makes_sparse_gradients(model))
     metrics = objective.make_metrics(cfg, given.metrics, world.device)
     own = has_own_step(model)  # its validation_step says what it reports, once it has run
-    optional = own and cfg.checkpoint.monitor == "auto"  # val_loss, if its validation reports one
+    optional = (own or splits.val is None) and cfg.checkpoint.monitor == "auto"  # val_loss, where reported
+    if splits.val is None and cfg.checkpoint.monitor != "auto":
+        fail("checkpoint.monitor", cfg.checkpoint.monitor, f"data={cfg.data.name} is a stream without a 'val' split, "
+             "so nothing is validated; give the factory's dict a 'val' or leave checkpoint.monitor=auto")
+    if splits.val is None:
+        log.info(f"data={cfg.data.name} is a stream without a 'val' split (a stream cannot be carved into one): "
+                 "validation is skipped; give the data factory's dict a 'val' to validate")
     monitor = tasks.monitor(cfg.checkpoint.monitor, tasks.Task() if own else task,
                             None if own else tuple(f"val_{m}" for m in (*task.eval_metrics, *metrics)))
     higher = tasks.higher_is_better(monitor, cfg.checkpoint.mode.value)
@@ -117,7 +128,7 @@ def agree_across_ranks(cfg: Config, world: w.World, splits: data.Splits) -> None
     """Every rank trains the same config on data of the same size, or the replicas drift apart (other
     overrides per rank) or a collective mismatches (another number of steps): refused before the first
     collective of training, naming the first difference."""
-    sizes = {f"the {name} split's size": len(ds) if hasattr(ds, "__len__") else None
+    sizes = {f"the {name} split's size": len(ds) if data.streams.has_length(ds) else None
              for name, ds in (("train", splits.train), ("val", splits.val), ("test", splits.test)) if ds is not None}
     differs = w.first_disagreement({**flat(as_dict(cfg)), **sizes}) if world.distributed else None
     if differs:
@@ -133,9 +144,20 @@ def make_model(cfg: Config, splits: data.Splits, given: Objects) -> nn.Module:
     return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
 
-def schedule_length(cfg: Config, batches_per_epoch: int) -> tuple[int, int]:
-    """Optimizer steps per epoch and in all (debug.limit_batches and trainer.max_steps shorten them)."""
+def schedule_length(cfg: Config, batches_per_epoch: Optional[int], endless: bool = False) -> tuple[float, float]:
+    """Optimizer steps per epoch and in all (debug.limit_batches and trainer.max_steps shorten them). A stream's
+    epoch (one pass) has no length known in advance (inf): trainer.max_steps, or its end, ends the run."""
     tc = cfg.trainer
+    if batches_per_epoch is None:
+        if tc.max_steps > 0:
+            return math.inf, tc.max_steps
+        if endless:
+            raise ConfigError("data: the stream has no end that dtrain can know (no __len__): set trainer.max_steps "
+                              "to say how many optimizer steps to train")
+        if cfg.sched.name not in ("none",):
+            fail("sched", cfg.sched.name, "its decay needs the run's length in steps; with a stream, set "
+                 "trainer.max_steps (or sched=none)")
+        return math.inf, math.inf
     batches = min(cfg.debug.limit_batches or batches_per_epoch, batches_per_epoch)
     per_epoch = batches // tc.accumulate_grad_batches
     if per_epoch < 1:

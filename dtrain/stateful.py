@@ -15,6 +15,7 @@ from torch import nn
 
 from dtrain import world as w
 from dtrain.checkpoint import rng_state, seed_everything, set_rng_state
+from dtrain.errors import CheckpointError
 from dtrain.logs import log
 
 
@@ -43,11 +44,13 @@ class RankState:
     cannot: random streams restart from the seed (a warning says so) and the sums, being additive, go to the
     main rank. The data position itself re-shards on any world size (data.TrainSampler)."""
 
-    def __init__(self, world: w.World, seed: int, progress: Progress, sums: Any):
+    def __init__(self, world: w.World, seed: int, progress: Progress, sums: Any, stream: Any = None):
         self.world, self.seed, self.progress, self.sums = world, seed, progress, sums
+        self.stream = stream  # a stream's loader: each rank's position in its share (torchdata's state)
 
     def state_dict(self) -> dict:
-        mine = {"rng": rng_state(), "epoch_sums": self.sums.value().cpu()}
+        mine = {"rng": rng_state(), "epoch_sums": self.sums.value().cpu(),
+                **({"stream": self.stream.state_dict()} if self.stream is not None else {})}
         return {"world_size": self.world.world_size, "ranks": w.gather_objects(mine)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -56,7 +59,16 @@ class RankState:
             share = dict(ranks[self.world.rank])
             set_rng_state(share.pop("rng"))
             self.sums.reset(share["epoch_sums"])
+            if self.stream is not None and "stream" in share:
+                self.stream.load_state_dict(share["stream"])
+                if self.stream.fast_forward and self.progress.samples_in_epoch:
+                    log.info("data: the stream has no state_dict of its own, so resuming reads each share again up "
+                             "to where it stopped (give it state_dict/load_state_dict to skip that)")
             return
+        if self.stream is not None and "stream" in ranks[0]:
+            raise CheckpointError(f"this checkpoint holds the positions of {state['world_size']} ranks' shares of a "
+                                  f"stream, which do not move to {self.world.world_size} ranks; resume on "
+                                  f"{state['world_size']} ranks (or resume=none)")
         log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
                     "ranks: data continues from the saved position, random streams are re-seeded")
         seed_everything(self.seed + self.world.rank + self.progress.step)

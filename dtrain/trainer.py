@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from dtrain import logs, optim, plots
+from dtrain import data, logs, optim, plots
 from dtrain import world as w
 from dtrain.build import Parts
 from dtrain.callbacks import Callbacks
@@ -63,19 +63,13 @@ class Trainer:
         self.cfg = read_only(self.config)
         self.parameters = list(self.model.parameters())
         self.sync_every = self.config.trainer.sync_every_n_steps if self.world.distributed else 1  # alone: free
-        self.val_every = self.config.trainer.val_every_n_steps
+        self.stream = self.world.distributed and data.is_stream(self.splits.train)  # ranks end a pass together
         self.progress = Progress()
         self.step = make_step(self)
         self.unit = self.task.unit if isinstance(self.step, TaskStep) else "sample"  # what throughput counts
         self.stop_vote = StopVote(self.world, self.model, self.checkpointer.wait)
         self.should_stop = False  # a callback asks to stop after this epoch (the ranks agree)
-        # What a checkpoint holds: the loop's own state is its progress (dtrain/stateful.py).
-        self.saved = CheckpointParts(self.model, self.optimizer, self.strategy, {
-            "scheduler": self.scheduler, "scaler": self.scaler, "progress": self.progress,
-            "callbacks": self.callbacks, "logger": self.logger,
-            "ranks": RankState(self.world, self.config.seed, self.progress, self.step.sums)})
-
-    # -- the loop -----------------------------------------------------------------------------------
+        self.saved = checkpoint_parts(self)
 
     def fit(self) -> dict:
         try:
@@ -90,8 +84,8 @@ class Trainer:
         cfg, p = self.config, self.progress
         if self.checkpointer.resume(self.saved, cfg.resume):
             self.logger.rewind(p.step)  # epochs logged after this checkpoint will be run again
-        log.info(f"dtrain: model={cfg.model.name} data={cfg.data.name} "
-                 f"({len(self.loaders.train.dataset)} train / {len(self.loaders.val.dataset)} val samples) "
+        train, val = (size(ld.dataset if ld is not None else None) for ld in (self.loaders.train, self.loaders.val))
+        log.info(f"dtrain: model={cfg.model.name} data={cfg.data.name} ({train} train / {val} val samples) "
                  f"{self.world.describe()} global_batch={cfg.data.batch_size} run_dir={self.run}")
         torch.autograd.set_detect_anomaly(cfg.debug.detect_anomaly)
         stop = StopSignal(cfg.trainer.stop_grace_s)
@@ -136,13 +130,15 @@ class Trainer:
 
     def train_epoch(self, stop: StopSignal) -> dict:
         cfg, p, world = self.config, self.progress, self.world
-        accum, batches = cfg.trainer.accumulate_grad_batches, self.steps_per_epoch * cfg.trainer.accumulate_grad_batches
+        accum, every = cfg.trainer.accumulate_grad_batches, cfg.trainer.val_every_n_steps  # every: validate mid-epoch
+        batches = self.steps_per_epoch * accum
         self.loaders.train.set_position(p.epoch, p.samples_in_epoch)
         if p.samples_in_epoch == 0:
             self.step.sums.reset()
         done = p.samples_in_epoch // cfg.data.batch_size  # micro-batches already trained this epoch
         self.net.train()
-        for batch in self.loaders.train:
+        ended = Ended()
+        for batch in in_step(self.loaders.train, self.world, self.stream, ended):
             if done >= batches or self.finished:
                 break
             done += 1
@@ -170,13 +166,15 @@ class Trainer:
                 self.log_step(loss.item(), **({} if penalty is None else {"l1_penalty": penalty.item()}))
             if p.step % self.sync_every == 0:
                 self.stop_vote.start(stop.received or 0, self.checkpointer.failed)
-            if self.val_every and p.step % self.val_every == 0 and done < batches and not self.finished:
+            if every and p.step % every == 0 and done < batches and not self.finished:
                 self.validate_mid_epoch()  # an epoch's last step is validated at its end
             if not self.finished and done < batches and self.checkpointer.saved_step != p.step and \
                     self.checkpointer.should_save(p.step, p.epoch, epoch_end=False):
                 self.checkpointer.save(self.saved, p.step)  # a step that ends the epoch is saved there, once
         self.stop_vote.settle()  # stepping ended with a vote in flight: a stop now is after the last step
-        return {**self.step.sums.reduce(self.strategy.dp.group), "complete": done >= batches}
+        if done % accum:  # a stream that ended part-way through an accumulation: that step is not taken
+            self.optimizer.zero_grad(set_to_none=True)
+        return {**self.step.sums.reduce(self.strategy.dp.group), "complete": done >= batches or ended.now}
 
     def optimizer_step(self) -> None:
         if self.config.trainer.grad_clip:
@@ -189,6 +187,8 @@ class Trainer:
         self.progress.step += 1
 
     def validate(self) -> dict:
+        if self.loaders.val is None:  # a stream without a "val" split: nothing to validate (said at the start)
+            return {}
         self.strategy.sync_buffers(self.model)  # every rank evaluates and saves rank 0's model
         val = self.evaluate(self.loaders.val)
         self.callbacks.call("on_validation_end", self, val)
@@ -238,12 +238,46 @@ class Trainer:
 def evaluate_split(t: Trainer, loader, name: str) -> dict:
     """A split's metrics: the model's own validation_step (else its training_step's loss), or the task's."""
     common = dict(limit=t.config.debug.limit_batches, lockstep=t.strategy.lockstep_forward,
-                  bar=lambda items: t.logger.bar(items, name, len(loader)), group=t.strategy.dp.group)
+                  bar=lambda items: t.logger.bar(items, name, size(loader)), group=t.strategy.dp.group)
     if isinstance(t.step, OwnStep):
         return evaluate_own(t.model, lambda method, batch: getattr(t.model, method)(batch), loader, t.world,
                             t.strategy.autocast, **common)
     return evaluate(t.model, loader, t.task, t.world, t.strategy.autocast, t.loss, classes=t.splits.out,
                     extra=t.metrics, **common)
+
+
+def checkpoint_parts(t: Trainer) -> CheckpointParts:
+    """What a checkpoint holds (dtrain/stateful.py): the loop's own state is its progress."""
+    stream = t.loaders.train if data.is_stream(t.splits.train) else None  # each rank's position in its share
+    return CheckpointParts(t.model, t.optimizer, t.strategy, {
+        "scheduler": t.scheduler, "scaler": t.scaler, "progress": t.progress, "callbacks": t.callbacks,
+        "logger": t.logger, "ranks": RankState(t.world, t.config.seed, t.progress, t.step.sums, stream)})
+
+
+def size(items) -> object:
+    """len(items), or "a stream of" where it has none."""
+    try:
+        return len(items)
+    except TypeError:
+        return "a stream of" if items is not None else 0
+
+
+class Ended:
+    now = False  # whether the loader's pass ended (rather than the loop stopping it)
+
+
+def in_step(batches, world: w.World, agree: bool, ended: Ended):
+    """The loader's batches. `agree` (a stream on several ranks, whose shares may end at different steps): the
+    ranks agree before each batch that every one has one, and all stop at the first rank's end (no hang, no
+    item trained twice; one tiny all-reduce a step)."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        missing = bool(w.max_over_ranks(int(batch is None), world.device)) if agree else batch is None
+        if missing:
+            ended.now = True
+            return
+        yield batch
 
 
 def make_step(t: Trainer) -> TaskStep | OwnStep:
@@ -275,8 +309,7 @@ def finish(t: Trainer, val: Optional[dict], **timing: float) -> dict:
         return json.loads(t.run.summary.read_text())
     stopped_early = t.should_stop
     if val is None:  # finished, but killed before its summary: the final validation again
-        val = t.evaluate(t.loaders.val)
-        t.callbacks.call("on_validation_end", t, val)
+        val = t.validate()
     test = t.evaluate(t.loaders.test, "test") if t.loaders.test is not None else None
     summary = summary_of(t, val, test, stopped_early, **timing)
     t.callbacks.call("on_fit_end", t, summary)
@@ -292,7 +325,7 @@ def summary_of(t: Trainer, val: dict, test: Optional[dict], stopped_early: bool,
     return {"config_name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
             "epochs": p.epoch + (1 if p.samples_in_epoch else 0), "steps": p.step,  # an epoch max_steps cut counts
             "train_loss": (t.logger.last_epoch or {}).get("train_loss"),
-            **{f"val_{k}": v for k, v in reported(val).items()}, "val_samples": val["samples"],
+            **{f"val_{k}": v for k, v in reported(val).items()}, "val_samples": val.get("samples", 0),
             **({f"test_{k}": v for k, v in reported(test).items()} if test is not None else {}),
             "monitor": t.checkpointer.monitor, "best": t.checkpointer.best, "stopped_early": stopped_early,
             "best_checkpoint": t.checkpointer.best_name(), "wall_time_s": timing["wall"],

@@ -41,8 +41,8 @@ def test_a_target_that_cannot_work_is_refused_at_validation_naming_the_key(overr
 def test_what_a_factory_returns_must_be_what_its_key_expects(tmp_path, quiet_logs):
     with pytest.raises(ConfigError, match="model: builtins.dict returned a dict, not a torch.nn.Module"):
         make_trainer(tmp_path, "model._target_=builtins.dict")
-    with pytest.raises(ConfigError, match=r"data: builtins.object returned a object for 'train'; expected a "
-                                          r"map-style torch Dataset"):
+    with pytest.raises(ConfigError, match=r"data: builtins.object returned a object for 'train'; expected a torch "
+                                          r"Dataset: map-style .* or an IterableDataset \(a stream\)"):
         make_trainer(tmp_path, "data._target_=builtins.object")
     from dtrain.config import DataConfig
     from dtrain.data import as_splits

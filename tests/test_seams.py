@@ -152,3 +152,11 @@ def test_the_rooms_stay_small_modules_functions_and_the_trainer():
             if isinstance(node, ast.ClassDef) and node.name == "Trainer" and size >= 200:
                 too_long.append(f"Trainer {size} lines")
     assert not too_long, too_long
+
+
+@pytest.mark.unit
+def test_every_package_of_dtrain_ships_in_a_non_editable_install():
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "dtrain").rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

@@ -16,7 +16,8 @@ from dtrain.data.images import SAMPLE_DIR, cifar10, imagefolder, mnist, mnist_sa
 from dtrain.data.loaders import (DeviceLoader, Loaders, ShardSampler, StreamLoader, TrainSampler, collate_of,
                                  epoch_order, eval_loader, loaders, on_device, train_loader)
 from dtrain.data.tables import csv_table, read_table, regression, regression_truth, synthetic, table_columns
-from dtrain.data.user import as_splits
+from dtrain.data import streams
+from dtrain.data.user import as_splits, is_stream
 
 # dtrain's own data sets, registered the way a user's are: conf/data/NAME.yaml names the `_target_`.
 BUILTIN = BUILTIN_DATA
@@ -35,4 +36,4 @@ __all__ = ["Splits", "Tensors", "ToFloat", "split_indices", "tensor_splits", "SA
            "read_idx_pair", "read_rgb", "mnist_sample", "mnist", "cifar10", "imagefolder", "synthetic", "regression",
            "regression_truth", "csv_table", "read_table", "table_columns", "epoch_order", "TrainSampler",
            "StreamLoader", "DeviceLoader", "ShardSampler", "Loaders", "on_device", "train_loader", "eval_loader",
-           "loaders", "BUILTIN", "build", "as_splits", "collate_of"]
+           "loaders", "BUILTIN", "build", "as_splits", "collate_of", "is_stream", "streams"]

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from dtrain import plugins, signals
 from dtrain import world as w
 from dtrain.config import Config, DataConfig, DataPath
+from dtrain.data import streams
 from dtrain.data.core import Splits, Tensors
+from dtrain.data.streams import _init_worker
 from dtrain.errors import ConfigError, DataError
 
 # -- samplers and loaders ---------------------------------------------------------------------------
@@ -89,12 +91,6 @@ def _worker_errors_in_one_line(batches):
                         "collate=pad))") from None
 
 
-def _init_worker(then: Optional[Callable[[int], None]], worker_id: int) -> None:
-    signals.ignore_in_worker()
-    if then is not None:
-        then(worker_id)
-
-
 class DeviceLoader:
     """The fast path for data that fits in memory: the data set lives on the device as tensors, each batch
     is an index slice of this rank's share of the epoch order (the same samples as the DataLoader path),
@@ -146,6 +142,8 @@ def on_device(ds: Dataset, cfg: DataConfig) -> bool:
 
 def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True, collate: Optional[Callable] = None):
     per_rank = cfg.data.batch_size // world.world_size
+    if isinstance(ds, IterableDataset):  # a stream: its own order, each rank and worker its share
+        return streams.loader(ds, world, per_rank, _stream_options(cfg, world, collate), _worker_errors_in_one_line)
     sampler = TrainSampler(len(ds), world, shuffle, cfg.seed, cfg.data.drop_last)
     if len(sampler) < per_rank and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
@@ -160,6 +158,8 @@ def train_loader(ds: Dataset, cfg: Config, world: w.World, shuffle: bool = True,
 
 def eval_loader(ds: Dataset, cfg: Config, world: w.World, collate: Optional[Callable] = None):
     per_rank = cfg.data.eval_batch_size // world.world_size
+    if isinstance(ds, IterableDataset):
+        return streams.loader(ds, world, per_rank, _stream_options(cfg, world, collate), _worker_errors_in_one_line)
     if on_device(ds, cfg.data):
         return DeviceLoader(ds, world, per_rank, train=False)
     return StreamLoader(ds, batch_size=per_rank, sampler=ShardSampler(len(ds), world),
@@ -198,7 +198,7 @@ class ShardSampler(Sampler[int]):
 @dataclass
 class Loaders:
     train: DeviceLoader | StreamLoader
-    val: DeviceLoader | StreamLoader
+    val: Optional[DeviceLoader | StreamLoader]  # None: a stream without a "val" split is not validated
     test: Optional[DeviceLoader | StreamLoader]
 
 
@@ -211,5 +211,4 @@ def loaders(splits: Splits, cfg: Config, world: w.World, collate: Optional[Calla
         train = val = train.take(first) if isinstance(train, Tensors) else Subset(train, first)
         test = None
     return Loaders(train_loader(train, cfg, world, shuffle=not cfg.debug.overfit_batches, collate=collate),
-                   eval_loader(val, cfg, world, collate), eval_loader(test, cfg, world, collate) if test is not None
-                   else None)
+                   *(eval_loader(ds, cfg, world, collate) if ds is not None else None for ds in (val, test)))

@@ -37,7 +37,7 @@ def as_splits(made: Any, cfg: DataConfig) -> Splits:
         train, val, test = (_dataset(cfg, made.get(k), k) for k in SPLITS)
     else:
         train, val, test = _dataset(cfg, made, "train"), None, None
-    if val is None:
+    if val is None and not is_stream(train):  # a stream cannot be carved: without a "val" it is not validated
         tr, va = split_indices(len(train), cfg)
         train, val = _subset(train, tr), _subset(train, va)
     x, y = _first_item(cfg, train)
@@ -45,18 +45,30 @@ def as_splits(made: Any, cfg: DataConfig) -> Splits:
     problem = task.target_problem(y)
     if problem:
         raise ConfigError(f"data: {cfg.factory}: {problem}")
-    classes, out = task.outputs(made if isinstance(made, Dataset) else made["train"], train, y)
+    try:
+        classes, out = task.outputs(made["train"] if isinstance(made, Mapping) else made, train, y)
+    except TypeError:  # a stream cannot be indexed or counted through
+        if not is_stream(train):
+            raise
+        raise ConfigError(f"data: {cfg.factory} is a stream, which dtrain cannot read through to count its classes; "
+                          "give it a `num_classes` (or `classes`, `vocab_size`) attribute") from None
     return Splits(train, val, test, task.name, tuple(x.shape) if x is not None else (), out, classes,
                   input_dtype=str(x.dtype).removeprefix("torch.") if x is not None else None)
+
+
+def is_stream(ds: Any) -> bool:
+    return isinstance(ds, IterableDataset)
 
 
 def _dataset(cfg: DataConfig, ds: Any, split: str) -> Optional[Dataset]:
     if ds is None and split != "train":
         return None
-    if isinstance(ds, IterableDataset) or not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
-        raise ConfigError(f"data: {cfg.factory} returned a {type(ds).__name__} for '{split}'; expected a map-style "
-                          "torch Dataset (__getitem__ and __len__: dtrain shards it by index, like "
-                          "DistributedSampler) or a dict of them")
+    if is_stream(ds):  # read through StatefulDataLoader, each rank and worker its own share (data.loaders)
+        return ds
+    if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+        raise ConfigError(f"data: {cfg.factory} returned a {type(ds).__name__} for '{split}'; expected a torch "
+                          "Dataset: map-style (__getitem__ and __len__: dtrain shards it by index, like "
+                          "DistributedSampler) or an IterableDataset (a stream), or a dict of them")
     if len(ds) == 0:
         raise ConfigError(f"data: the '{split}' split of {cfg.factory} is empty")
     if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:  # held in memory: the device path
@@ -72,7 +84,9 @@ def _first_item(cfg: DataConfig, ds: Dataset) -> tuple[Optional[torch.Tensor], A
     """The first item's input (its first tensor, for a structured input: a dict or a tuple of tensors) and
     target. An item that is not an (input, target) pair has no target: a model with its own training_step
     takes it as it is (the `free` task)."""
-    item = ds[0]
+    item = next(iter(ds), None) if is_stream(ds) else ds[0]
+    if item is None:
+        raise ConfigError(f"data: the stream {cfg.factory} yields nothing")
     pair = isinstance(item, (tuple, list)) and len(item) == 2
     x, y = (item[0], item[1]) if pair else (item, None)
     if any(type(v).__module__.startswith("PIL.") for v in (x, y)):
