@@ -34,10 +34,12 @@ def conf_dir() -> str:
 
 
 CONF_DIR = conf_dir()
+CONFIG_NAME = "config"  # the primary config; --config-name picks another (in dtrain's folder or the user's)
 config.register()
 
 
-def compose(overrides: Sequence[str], hydra: bool = False, search: Sequence[Path] = ()) -> DictConfig:
+def compose(overrides: Sequence[str], hydra: bool = False, search: Sequence[Path] = (),
+            name: str = CONFIG_NAME) -> DictConfig:
     """The config `python -m dtrain *overrides` runs, composed without running anything or making a folder
     (`hydra`: with Hydra's own node, which says where the run folder will be; `search`: the user's own
     config folders, searched after dtrain's). Hydra's errors (an unknown key or option, a wrong type)
@@ -45,15 +47,34 @@ def compose(overrides: Sequence[str], hydra: bool = False, search: Sequence[Path
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    extra = [f"hydra.searchpath=[{','.join(f'file://{Path(d).absolute()}' for d in search)}]"] if search else []
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra_compose("config", overrides=[*overrides, *extra], return_hydra_config=hydra)
+            if search:
+                _search_also(search)
+            return hydra_compose(name, overrides=list(overrides), return_hydra_config=hydra)
     except (HydraException, OmegaConfBaseException) as e:
         cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
         line = f"{str(e).splitlines()[0].rstrip('.')}{cause}"
         unknown = re.match(r"Could not override '([^']+)'", line)
         raise ConfigError(line + (validate.closest_key(unknown.group(1)) if unknown else "")) from None
+
+
+def _search_also(folders: Sequence[Path]) -> None:
+    """Hydra's search path as `python -m dtrain --config-dir DIR` makes it: dtrain's folder first (its names
+    win), the user's after it, the primary config (--config-name) found in either. Only Hydra's internals
+    build that search path: `hydra.searchpath=[...]` does not reach the primary config."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    path = create_config_search_path(CONF_DIR)
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--config-dir {folder}: no such folder; give the folder holding your config groups "
+                              "(model/NAME.yaml, ...)")
+        path.prepend("command-line", f"file://{Path(folder).absolute()}", SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()  # inside initialize_config_dir, which restores the one before on exit
+    Hydra.create_main_hydra2("app", path)
 
 
 def make_config(dcfg: DictConfig, given: frozenset[str] = frozenset()) -> Config:

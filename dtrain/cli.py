@@ -14,14 +14,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dtrain import app, runs
+from dtrain import app, cmdline, runs
 from dtrain import world as w
 from dtrain.errors import EXIT_BAD_INPUT
 from dtrain.rundir import RunDir
 
 
-@hydra.main(config_path=app.CONF_DIR, config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
+def main() -> None:
+    """Hydra's flags (--config-dir, --config-name, -m, ...) anywhere among the overrides, as users type them:
+    Hydra's own parser takes them only first (dtrain/cmdline.py)."""
+    sys.argv[1:] = cmdline.split(sys.argv[1:]).in_hydra_order()
+    hydra_main()
+
+
+@hydra.main(config_path=app.CONF_DIR, config_name=app.CONFIG_NAME, version_base="1.3")
+def hydra_main(dcfg: DictConfig) -> None:
     run = RunDir(Path(HydraConfig.get().runtime.output_dir), w.from_launcher())
     code = app.start(lambda: app.make_config(dcfg), lambda cfg, world: runs.run_training(cfg, world, run, dcfg))
     if code == EXIT_BAD_INPUT or code and not run.training_started:

@@ -1,8 +1,10 @@
 """Launch: `python -m dtrain.launch [key=value ...]`, or the console script `dtrain-launch`.
 
-Takes the same overrides as `python -m dtrain`, plus the `launcher.*` keys. It composes and validates the
-whole config once, before any worker starts (bad input: one line, exit 2, no run folder), then starts the
-workers with torchrun's own elastic agent in this process; one process runs right here, without an agent.
+Takes the same overrides as `python -m dtrain`, plus the `launcher.*` keys, and Hydra's `--config-dir DIR`,
+`--config-name NAME` and `-m` anywhere among them. It composes and validates the whole config once, before any
+worker starts (bad input: one line, exit 2, no run folder), then starts the workers with torchrun's own
+elastic agent in this process; one process runs right here, without an agent. `-m` sweeps: every point is
+validated first, then each is launched in turn into runs/multirun/<id>/<n>-<name>/ (a signal stops the sweep).
 
     launcher.nproc_per_node   processes on this node; 0: one per GPU, else 1
     launcher.nnodes           nodes; 0: SLURM_NNODES inside a SLURM allocation, else 1
@@ -37,7 +39,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from dtrain import app, errors, rundir, validate
+from dtrain import app, cmdline, errors, rundir, validate
 from dtrain import world as w
 from dtrain.config import Config
 from dtrain.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, BadInput,
@@ -59,18 +61,44 @@ class Plan:
         return self.nproc_per_node * self.nnodes
 
 
+LAUNCHER_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--multirun", "-m")  # Hydra's, as dtrain's own
+
+
+def arguments(argv: list[str]) -> cmdline.Args:
+    """The command line, Hydra's flags in any position (dtrain/cmdline.py); a flag the launcher has no use
+    for is one line."""
+    args = cmdline.split(argv)
+    for flag in args.flags:
+        name = flag.partition("=")[0]
+        if name.startswith("-") and name not in LAUNCHER_FLAGS:
+            raise ConfigError(f"{name}: dtrain.launch takes key=value overrides, --config-dir DIR, --config-name "
+                              "NAME and -m (a sweep) only")
+    return args
+
+
 def compose(argv: list[str], with_hydra: bool = False):
     """The config `python -m dtrain argv` would run (app.compose), composed without running anything."""
-    overrides, search = [], []
-    args = iter(argv)
-    for arg in args:
-        if arg in ("--config-dir", "-cd"):  # the user's own config folder, searched after dtrain's
-            search.append(Path(next(args, "")))
-        elif arg.startswith("-"):
-            raise ConfigError(f"{arg}: dtrain.launch takes key=value overrides and --config-dir DIR only")
-        else:
-            overrides.append(arg)
-    return app.compose(overrides, hydra=with_hydra, search=search)
+    args = arguments(argv)
+    names = args.values("--config-name", "-cn")
+    return app.compose(args.overrides, hydra=with_hydra, search=[Path(d) for d in args.values("--config-dir", "-cd")],
+                       name=names[-1] if names else app.CONFIG_NAME)
+
+
+def sweep(argv: list[str]) -> list[list[str]]:
+    """`-m`: the command line of each point of the sweep (Hydra's basic sweeper's order: the last key
+    varies fastest), without -m; one point, as given, without it."""
+    args = arguments(argv)
+    if not args.has("--multirun", "-m"):
+        return [argv]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    try:
+        points = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args.overrides), None)[0]
+    except HydraException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    flags = [f for f in args.flags if f not in ("--multirun", "-m")]
+    return [[*flags, *point] for point in points]
 
 
 def plan(cfg: Config, env: Mapping[str, str] = os.environ) -> Plan:
@@ -276,12 +304,39 @@ def stopped_code(codes: Mapping[int, int], workers: int, signum: int) -> tuple[i
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = app.make_config(compose(argv))
-        p = plan(cfg)
-        check(cfg, p)
+        points = sweep(argv)
+        if arguments(argv).has("--multirun", "-m"):  # each point in a folder of the sweep's, as Hydra's
+            points = [[*point, f"hydra.run.dir={sweep_folder(point, n)}"] for n, point in enumerate(points)]
+        planned = [(point, *validated(point)) for point in points]  # every point, before any starts
     except BadInput as e:
         print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    worst = 0
+    for n, (point, cfg, p) in enumerate(planned):
+        if len(planned) > 1:
+            print(f"dtrain.launch: sweep point {n + 1}/{len(planned)}: {' '.join(point)}", flush=True)
+        code = launch(point, cfg, p)
+        worst = worst or code
+        if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):  # stopped by a signal: the rest of the sweep is not run
+            return code
+    return worst
+
+
+def sweep_folder(point: list[str], n: int) -> str:
+    """A sweep point's run folder: hydra.sweep.dir/<n>-<name>, as `python -m dtrain -m` names it."""
+    full = compose(point, with_hydra=True)
+    return str(Path(str(full.hydra.sweep.dir)) / f"{n}-{full.name}")
+
+
+def validated(argv: list[str]) -> tuple[Config, Plan]:
+    cfg = app.make_config(compose(argv))
+    p = plan(cfg)
+    check(cfg, p)
+    return cfg, p
+
+
+def launch(argv: list[str], cfg: Config, p: Plan) -> int:
+    """One run: in this process, or its workers under torchrun's agent."""
     os.environ["DTRAIN_RUN_ID"] = p.run_id  # every worker, on every node, names the same run folder
     if p.nproc_per_node > 1:  # as torchrun sets it, so a run stopped under one resumes bit-identically under the other
         os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -33,6 +33,8 @@ def launch(tmp_path: Path, *overrides: str, fault: str = "", timeout: float = 24
     (["trainer.sync_every_n_steps=0"], "trainer.sync_every_n_steps=0 is not allowed: must be > 0"),
     (["launcher.rdzv_endpoint=nohost:abc"], "launcher.rdzv_endpoint='nohost:abc' is not allowed: HOST:PORT"),
     (["launcher.rdzv_endpoint=no-such-host.invalid:29500"], "the host 'no-such-host.invalid' cannot be resolved"),
+    (["--cfg", "job"], "dtrain: error: --cfg: dtrain.launch takes key=value overrides, --config-dir DIR"),
+    (["--config-dir", "no-such-folder"], "dtrain: error: --config-dir no-such-folder: no such folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_worker_starts(tmp_path, overrides, message):
     proc = subprocess.run([*LAUNCH, TWO, *overrides], cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
