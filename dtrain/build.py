@@ -10,6 +10,7 @@ Each of model, data, loss, metrics and callbacks comes from its `_target_` in th
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -42,6 +43,17 @@ class Objects:
     callbacks: tuple = ()
     collate: Any = None  # a function: a list of items -> a batch
 
+    def held_only(self) -> list[str]:
+        """What a checkpoint cannot rebuild from its config (evaluate asks for these): a data set given as an
+        object (not a class or function an import finds), a loss, collate or metric not such a function. The
+        model is rebuilt from its class, and strict loading refuses one that differs."""
+        held = [] if self.data is None or plugins.importable(self.data) else ["data"]
+        for key, obj in (("loss", self.loss), ("collate", self.collate), *(
+                (f"metrics.{name}", m) for name, m in (self.metrics or {}).items())):
+            if obj is not None and not (inspect.isfunction(obj) and plugins.importable(obj)):
+                held.append(key)
+        return held
+
 
 @dataclass
 class Parts:
@@ -73,7 +85,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     tc, given = cfg.trainer, objects or Objects()
     plan = strategy.build(cfg, world)
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    splits = data.build(cfg.data, world, _called(given.data, {"options": cfg.data, "world": world}))
+    splits = data.build(cfg.data, world, plugins.called(given.data, {"options": cfg.data, "world": world}))
     agree_across_ranks(cfg, world, splits)
     task = tasks.get(splits.task)
     input_format = perf.memory_format(tc.channels_last, splits.shape)
@@ -118,7 +130,8 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
                                   monitor=monitor, higher_is_better=higher, fmt=strategy.checkpoint_format(cfg),
                                   optional_monitor=optional,
                                   meta={"model_name": cfg.model.name, "config": as_dict(cfg),
-                                        "data": splits.describe(), "world_size": world.world_size},
+                                        "data": splits.describe(), "world_size": world.world_size,
+                                        "objects": given.held_only()},
                                   record_change=lambda line: run.write_text(run.config_changes, line, True)),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, input_format=input_format,
         custom_loss=given.loss is not None or cfg.loss is not None)
@@ -165,13 +178,6 @@ def schedule_length(cfg: Config, batches_per_epoch: Optional[int], endless: bool
                           f"{batches} batches of an epoch; lower it or data.batch_size")
     total = per_epoch * tc.epochs
     return per_epoch, min(total, tc.max_steps) if tc.max_steps > 0 else total
-
-
-def _called(made: Any, offers: dict) -> Any:
-    """A factory from dtrain.fit, called with what dtrain offers and it takes; anything else as it is."""
-    if callable(made) and not isinstance(made, (nn.Module, torch.utils.data.Dataset)):
-        return made(**plugins.accepted(made, offers))
-    return made
 
 
 def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:

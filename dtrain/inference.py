@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from dtrain import app, data, models, objective
+from dtrain import app, models, objective, plugins
+from dtrain import data as data_module
 from dtrain import checkpoint as ckpt
 from dtrain import world as w
 from dtrain.config import Config
@@ -23,7 +24,7 @@ from dtrain.rundir import METRICS, SUMMARY
 def build_model(name: str, data_name: str = "mnist_sample", *overrides: str) -> nn.Module:
     """A freshly initialised model `name` sized for `data_name` (its input shape and classes)."""
     cfg = app.make_config(app.compose([f"model={name}", f"data={data_name}", *overrides]))
-    splits = data.build(cfg.data, w.World())
+    splits = data_module.build(cfg.data, w.World())
     return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
 
@@ -78,7 +79,7 @@ def load_model(path: str | Path, device: str = "cpu", model: Optional[nn.Module]
     state = ckpt.load(Path(path))
     try:
         cfg = checkpoint_config(state, given=frozenset({"model"}) if model is not None else frozenset())
-        info = state.get("data") or data.build(cfg.data, w.World()).describe()
+        info = state.get("data") or data_module.build(cfg.data, w.World()).describe()
         net = model if model is not None else \
             models.build(cfg.model, info["task"], tuple(info["shape"]), info["out"], cfg.data.name)
     except ConfigError as e:
@@ -105,38 +106,66 @@ def checkpoint_config(state: dict, given: frozenset = frozenset(), **sections: d
     return app.make_config(merged, given)
 
 
-def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = None, **sections: dict) -> dict:
+def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = None, *, model: Any = None,
+             data: Any = None, loss: Any = None, metrics: Optional[dict] = None, collate: Any = None,
+             **sections: dict) -> dict:
     """Loss and metrics of a checkpoint on a split (`auto`: test where the data set has one, else val),
     every sample counted once across ranks; classification adds per-class accuracy and the confusion
-    matrix (rows: true class). `sections` override the checkpoint's config (data={"root": ...})."""
+    matrix (rows: true class), segmentation per-class IoU; a model with its own step reports what its
+    validation_step returns. `sections` override the checkpoint's config (data={"root": ...}). A run of
+    dtrain.fit is evaluated with the loss, metrics and collate it recorded; what it could not record (an
+    instance, a script's own function) is passed here as fit was given it: model=, data= (a data set, a dict
+    of splits or a factory), loss=, metrics=, collate=."""
     from dtrain.strategy.base import autocast
     from dtrain import tasks
-    from dtrain.evaluation import evaluate as run_evaluation
+    from dtrain.evaluation import evaluate as run_evaluation, evaluate_own
+    from dtrain.steps import has_own_step
     world = world or w.World()
     state = ckpt.load(Path(path))
+    if data is not None and not _is_data(data):
+        sections["data"], data = data, None  # config values, not a data set
+    given = {"model": model, "data": data, "loss": loss, "metrics": metrics, "collate": collate}
+    _check_given(path, state.get("objects", ()), given)
     stored = state.get("data") or {}
     if stored.get("mean") is not None and not {"mean", "std"} & set(sections.get("data", {})):
         # the training split's statistics, also on other files (data.path=...) or a moved data set
         sections["data"] = {**sections.get("data", {}), "mean": stored["mean"], "std": stored["std"]}
-    cfg = checkpoint_config(state, **sections)
-    splits = data.build(cfg.data, world)
+    cfg = checkpoint_config(state, frozenset(k for k in ("model", "data", "loss") if given[k] is not None), **sections)
+    splits = data_module.build(cfg.data, world, plugins.called(data, {"options": cfg.data, "world": world}))
     have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]
     split = split if split != "auto" else have[-1]
     if split not in have:
         raise ConfigError(f"split={split!r} is not available for data={cfg.data.name}; choose one of "
                           + ", ".join(["auto", *have]))
-    model = load_model(path, str(world.device)).net
-    task = tasks.get(splits.task)
-    result = run_evaluation(model, data.eval_loader(getattr(splits, split), cfg, world, data.collate_of(cfg.data)),
-                            task, world,
-                            lambda: autocast(world.device, cfg.trainer.precision), objective.make_loss(cfg, task, None),
-                            classes=splits.out,
-                            extra=objective.make_metrics(cfg, None, world.device))
+    net = load_model(path, str(world.device), model=model).net
+    loader = data_module.eval_loader(getattr(splits, split), cfg, world, data_module.collate_of(cfg.data, collate))
+    precision = lambda: autocast(world.device, cfg.trainer.precision)  # noqa: E731
+    if has_own_step(net):
+        result = evaluate_own(net, lambda method, batch: getattr(net, method)(batch), loader, world, precision)
+    else:
+        task = tasks.get(splits.task)
+        result = run_evaluation(net, loader, task, world, precision, objective.make_loss(cfg, task, loss),
+                                classes=splits.out, extra=objective.make_metrics(cfg, metrics, world.device))
     if "confusion" in result:
         rows = result["confusion"]
         result["classes"] = splits.class_names or [str(i) for i in range(splits.out)]
         result["per_class_acc"] = [row[i] / max(sum(row), 1) for i, row in enumerate(rows)]
     return {"ckpt": str(path), "split": split, "model": cfg.model.name, "data": cfg.data.name, **result}
+
+
+def _is_data(value: Any) -> bool:
+    """A data set, a dict of them or a factory (as dtrain.fit takes), rather than a dict of data config values."""
+    return not isinstance(value, Mapping) or any(isinstance(v, torch.utils.data.Dataset) for v in value.values())
+
+
+def _check_given(path: str | Path, held: Iterable[str], given: Mapping[str, Any]) -> None:
+    """What dtrain.fit was given and its checkpoint cannot rebuild must be given again: one line naming it."""
+    missing = [name for name in held if given[name.split(".")[0]] is None]
+    if missing:
+        keys = ", ".join(dict.fromkeys(f"{name.split('.')[0]}=..." for name in missing))
+        raise BadInput(f"checkpoint {path} was trained by dtrain.fit with its own {', '.join(missing)}, which it "
+                       f"cannot rebuild (an instance, or defined in a script); evaluate it from Python as fit was "
+                       f"given them: dtrain.evaluate(ckpt, {keys})")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -143,6 +143,28 @@ def path_of(obj: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def importable(obj: Any) -> str | None:
+    """The dotted path that imports `obj` back, for a class or function defined at a module's top level;
+    None for anything else (an instance, a lambda, a script's own class or function)."""
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)) or obj.__module__ in (None, "__main__") \
+            or "<" in obj.__qualname__:
+        return None
+    path = f"{obj.__module__}.{obj.__qualname__}"
+    try:
+        return path if resolve("", path) is obj else None
+    except ConfigError:
+        return None
+
+
+def called(made: Any, offers: Mapping[str, Any]) -> Any:
+    """A factory dtrain.fit was given (a function or class), called with what dtrain offers and it takes; a
+    Dataset or module as it is."""
+    import torch
+    if callable(made) and not isinstance(made, (torch.nn.Module, torch.utils.data.Dataset)):
+        return made(**accepted(made, offers))
+    return made
+
+
 def short_name(path: str) -> str:
     """The last part of a dotted path: what a run is named after when its config gives no `name`."""
     return path.rsplit(".", 1)[-1]

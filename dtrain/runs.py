@@ -67,17 +67,28 @@ def fit(model: Any, data: Any, *, loss: Any = None, metrics: Optional[dict] = No
     callbacks  objects with any of dtrain's hooks (dtrain/callbacks.py), in order
     collate    a function making a batch of a list of items (padding variable lengths); None: torch's default
     overrides  key=value strings as on the command line: "trainer.epochs=3", "data.batch_size=64", ...
+
+    The checkpoint records the loss, metrics and collate given as functions an import finds, and a data
+    factory (class or function) so; `dtrain.evaluate` uses them again. What it cannot record (a data set or
+    loss given as an instance, a lambda, a script's own function) is given again:
+    `dtrain.evaluate(ckpt, data=..., loss=..., metrics=...)`; evaluate says so in one line.
     """
     objects = build.Objects(model, data, loss, dict(metrics) if metrics is not None else None, tuple(callbacks),
                             collate)
     parts = {"model": model, "data": data}
     full = _compose_or_fail("~model", "~data", *overrides)  # dtrain's own model/data keys stay overridable
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
     with open_dict(full):
         for key, obj in parts.items():
             node = full[key]
             node["_target_"] = plugins.path_of(obj)  # recorded in checkpoints: what rebuilds the model
             node["name"] = node.get("name") or _name(obj)
+        # functions an import finds are recorded as _target_s, so evaluate uses them again (objects.held_only:
+        # what it must be given instead)
+        for key, obj in (("loss", loss), ("data.collate", collate), *(
+                (f"metrics.{name}", m) for name, m in (metrics or {}).items())):
+            if inspect.isfunction(obj) and plugins.importable(obj):
+                OmegaConf.update(full, key, {"_target_": plugins.importable(obj)}, merge=False, force_add=True)
     given = frozenset({"model", "data"} | ({"loss"} if loss is not None else set()))
     return train_composed(full, objects, given)
 

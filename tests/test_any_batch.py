@@ -68,6 +68,9 @@ def test_a_model_with_its_own_steps_trains_and_reports_what_they_return(tmp_path
         mean = model.encoder(x).chunk(2, dim=1)[0]
         expected = F.mse_loss(model.decoder(mean), x, reduction="none").mean(1).mean().item()
     assert last["val_recon"] == pytest.approx(expected, rel=1e-5)
+    # evaluate reports what validation_step returns too, on the data set given as fit was given it
+    report = dtrain.evaluate(tmp_path / "run" / "checkpoints" / "latest", "val", data=data)
+    assert report["recon"] == pytest.approx(expected, rel=1e-5) and "latent_norm" in report
 
 
 class StepOnly(nn.Module):

@@ -57,3 +57,59 @@ def test_ranks_given_different_overrides_are_refused_naming_the_first_difference
     assert done.stderr.count("dtrain: error: the ranks disagree on what to train: optim.lr is 0.001 on rank 0 but "
                              "0.002 on rank 1; give every rank the same overrides and the same data") == 1, done.stderr
     assert "exitcode  : 2" in done.stderr and not (tmp_path / "run" / "checkpoints").exists(), done.stderr
+
+
+# -- what dtrain.evaluate of a fit run uses (issue 31, item 7) ------------------------------------------------
+
+class Probe(torch.nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(input_shape[0], num_classes)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def doubled_ce(out, y):  # a loss of the user's own, twice the task's: which one evaluate used shows
+    return 2 * torch.nn.functional.cross_entropy(out, y)
+
+
+def ones(out, y):  # the share of predictions that are class 1
+    return (out.argmax(1) == 1).float().mean()
+
+
+def splits() -> dict:  # a data factory an import finds
+    return {"train": data(), "val": TensorDataset(*data()[:50])}
+
+
+def test_evaluate_of_a_fit_run_uses_the_loss_metrics_and_data_fit_was_given(tmp_path, quiet_logs):
+    summary = dtrain.fit(Probe, splits, loss=doubled_ce, metrics={"ones": ones},
+                         overrides=[*QUICK, f"hydra.run.dir={tmp_path / 'run'}"])
+    report = dtrain.evaluate(tmp_path / "run" / "checkpoints" / "latest", split="val")
+    assert report["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert report["ones"] == pytest.approx(summary["val_ones"], rel=1e-6) and "ones" not in dtrain.evaluate(
+        tmp_path / "run" / "checkpoints" / "latest", split="val", metrics={})
+    plain = dtrain.evaluate(tmp_path / "run" / "checkpoints" / "latest", split="val",
+                            loss=torch.nn.functional.cross_entropy)
+    assert report["loss"] == pytest.approx(2 * plain["loss"], rel=1e-6)
+
+
+def test_what_fit_could_not_record_is_asked_for_in_one_line_and_then_evaluated_as_given(tmp_path, quiet_logs):
+    given = data()  # a TensorDataset: a rebuilt one would be empty
+    summary = dtrain.fit(Probe, given, loss=lambda out, y: 2 * torch.nn.functional.cross_entropy(out, y),
+                         metrics={"ones": lambda out, y: (out.argmax(1) == 1).float().mean()},
+                         overrides=[*QUICK, f"hydra.run.dir={tmp_path / 'run'}"])
+    ckpt = tmp_path / "run" / "checkpoints" / "latest"
+    with pytest.raises(dtrain.errors.BadInput) as refused:
+        dtrain.evaluate(ckpt)
+    assert str(refused.value) == (
+        f"checkpoint {ckpt} was trained by dtrain.fit with its own data, loss, metrics.ones, which it cannot rebuild "
+        "(an instance, or defined in a script); evaluate it from Python as fit was given them: "
+        "dtrain.evaluate(ckpt, data=..., loss=..., metrics=...)")
+    cli = subprocess.run([sys.executable, "-m", "dtrain.evaluate", f"ckpt={ckpt}"], cwd=tmp_path,
+                         env={**CHILD_ENV, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True,
+                         timeout=120)  # Probe is found; the data set and the lambdas are not
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"dtrain: error: {refused.value}"], cli.stderr
+    report = dtrain.evaluate(ckpt, "val", data=given, loss=doubled_ce, metrics={"ones": ones})
+    assert report["samples"] == summary["val_samples"] == 20  # the val split carved from it as in training
+    assert (report["loss"], report["ones"]) == pytest.approx((summary["val_loss"], summary["val_ones"]), rel=1e-6)

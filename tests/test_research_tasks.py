@@ -67,7 +67,7 @@ def test_segmentation_reports_pixel_accuracy_and_mean_iou_as_computed_from_the_m
     assert summary["val_miou"] == pytest.approx(float(sum(ious) / 2), abs=1e-6)
     assert summary["val_acc"] == pytest.approx(float((predicted == target)[valid].float().mean()), abs=1e-6)
     assert summary["val_samples"] == len(val)  # images, though a pixel is the unit of the loss and accuracy
-    report = dtrain.evaluate(tmp_path / "run" / "checkpoints" / "latest", split="val")
+    report = dtrain.evaluate(tmp_path / "run" / "checkpoints" / "latest", split="val", data=data)
     assert report["per_class_iou"] == pytest.approx([float(i) for i in ious], abs=1e-6)
 
 
