@@ -128,3 +128,20 @@ def test_validation_every_n_steps_writes_a_line_and_chooses_the_best_each_time(t
     from dtrain import checkpoint as ckpt
     assert ckpt.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == best["step"]
     assert summary["best"] == pytest.approx(best["val_miou"])
+
+
+class DeclaredSquares(Squares):
+    task = "segmentation"  # the data set says its task itself
+
+
+def test_a_data_sets_own_task_attribute_chooses_the_task_and_a_wrong_one_is_one_line(tmp_path, capsys, quiet_logs):
+    summary = dtrain.fit(TinySegmenter, DeclaredSquares(96), overrides=[
+        "trainer.max_steps=2", "data.batch_size=16", "logger.plots=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert summary["monitor"] == "val_miou"  # segmentation's own choice
+    misnamed = DeclaredSquares(96)
+    misnamed.task = "segmantation"
+    with pytest.raises(dtrain.runs.TrainingFailed) as failed:
+        dtrain.fit(TinySegmenter, misnamed, overrides=["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert failed.value.code == 2
+    assert "data: test_research_tasks.DeclaredSquares's attribute task='segmantation' is not allowed: choose " \
+        "one of classification, free, language_modeling, regression, segmentation" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """A user's data set as dtrain's `Splits`: what the data factory returned (a map-style Dataset, or a dict of
 splits {"train", "val", "test"}) plus what the model and the task need to know, read off the data.
 
-- Items are `(input, target)` pairs. The task is `data.task` if given, else it follows the targets' dtype:
-  integers are class labels (classification), floats are values (regression).
+- Items are `(input, target)` pairs. The task is `data.task` if given, else the data set's own `task`
+  attribute (a registered task's name), else it follows the targets' dtype: integers are class labels
+  (classification), floats are values (regression).
 - Classes: the data set's `classes` (names) or `num_classes` attribute, else its `targets`, else one pass
   over the training targets (give your Dataset `classes` or `num_classes` to spare it).
 - A data set without "val" has its validation split carved out as dtrain's own are (data.val_fraction,
@@ -41,12 +42,17 @@ def as_splits(made: Any, cfg: DataConfig) -> Splits:
         tr, va = split_indices(len(train), cfg)
         train, val = _subset(train, tr), _subset(train, va)
     x, y = _first_item(cfg, train)
-    task = tasks.get(cfg.task if cfg.task is not None else tasks.of_targets(y))
+    source = made["train"] if isinstance(made, Mapping) else made
+    own = getattr(source, "task", None)  # the data set's own task attribute, if data.task does not say
+    if cfg.task is not None or not isinstance(own, str):
+        task = tasks.get(cfg.task if cfg.task is not None else tasks.of_targets(y))
+    else:
+        task = tasks.get(own, f"data: {cfg.factory}'s attribute task")
     problem = task.target_problem(y)
     if problem:
         raise ConfigError(f"data: {cfg.factory}: {problem}")
     try:
-        classes, out = task.outputs(made["train"] if isinstance(made, Mapping) else made, train, y)
+        classes, out = task.outputs(source, train, y)
     except TypeError:  # a stream cannot be indexed or counted through
         if not is_stream(train):
             raise
