@@ -318,13 +318,14 @@ def choices_help() -> str:
 # dtrain's own models and data sets, by name -> their `_target_` (conf/model/NAME.yaml and conf/data/NAME.yaml
 # name the same; this table reads configs saved before `_target_` existed). Plain names here, so that reading
 # a config imports neither the models nor the data sets.
-BUILTIN_MODELS = {name: f"dtrain.models.{name}" for name in ("mlp", "mlp3", "lenet", "convnet", "resnet18", "linear")}
+BUILTIN_MODELS = {name: f"dtrain.models.{name}" for name in ("mlp", "mlp3", "lenet", "convnet", "resnet18", "linear",
+                                                               "gpt")}
 BUILTIN_DATA = {"mnist_sample": "dtrain.data.mnist_sample", "mnist": "dtrain.data.mnist",
                 "cifar10": "dtrain.data.cifar10", "imagefolder": "dtrain.data.imagefolder",
                 "synthetic": "dtrain.data.synthetic", "regression": "dtrain.data.regression",
-                "csv": "dtrain.data.csv_table"}
+                "csv": "dtrain.data.csv_table", "text": "dtrain.data.text"}
 
-MODEL_OFFERS = ("input_shape", "num_outputs", "num_classes")  # what dtrain passes a model factory that takes it
+MODEL_OFFERS = ("input_shape", "num_outputs", "num_classes", "vocab_size")  # what dtrain may pass a model factory
 DATA_OFFERS = ("options", "world")  # what dtrain passes a data factory that takes it
 
 

@@ -119,7 +119,9 @@ def report(summary: dict, paths: dict[str, str]) -> None:
             lines.append(f"  {split:<5} " + "  ".join(f"{k} {fmt(v)}" for k, v in values.items()))
     if s.get("best") is not None:
         lines.append(f"  best  {s['monitor']} {fmt(s['best'])} (checkpoints/{s.get('best_checkpoint', 'best.pt')})")
-    speed = f"  speed {s['samples_per_sec']:,.0f} samples/s, {fmt(s['step_time_s'])} s/step"
+    units = "".join(f", {v:,.0f} {k.removesuffix('s_per_sec')}s/s" for k, v in s.items()
+                    if k.endswith("s_per_sec") and k not in ("samples_per_sec", "flops_per_sec"))  # tokens, pixels
+    speed = f"  speed {s['samples_per_sec']:,.0f} samples/s{units}, {fmt(s['step_time_s'])} s/step"
     if s.get("flops_per_sec"):
         speed += f", {s['flops_per_sec'] / 1e9:,.1f} GFLOP/s"
     if s.get("mfu") is not None:

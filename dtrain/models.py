@@ -139,6 +139,28 @@ def linear(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     return Linear(math.prod(input_shape), num_outputs)
 
 
+def gpt(input_shape: tuple[int, ...], vocab_size: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
+        block_size: int = 0, dropout: float = 0.0, bias: bool = True, tie_weights: bool = True) -> nn.Module:
+    """A nanoGPT-style decoder (dtrain/gpt.py) for windows of input_shape[0] tokens; block_size 0: that length."""
+    from dtrain.gpt import GPT
+    window = input_shape[0] if input_shape else 0
+    if block_size and window > block_size:
+        raise ConfigError(f"model.block_size={block_size} is shorter than the data's windows of {window} tokens; "
+                          f"set model.block_size >= {window} (or 0: the data's)")
+    return GPT(vocab_size, block_size or window, n_layer, n_head, n_embd, dropout, bias, tie_weights)
+
+
+def _check_gpt(cfg: ModelConfig) -> None:
+    _check_dropout(cfg)
+    n_embd, n_head = cfg.kwargs.get("n_embd", 128), cfg.kwargs.get("n_head", 4)
+    for key in ("n_layer", "n_head", "n_embd"):
+        if cfg.kwargs.get(key, 1) < 1:
+            raise ConfigError(f"model.{key}={cfg.kwargs[key]!r} is not allowed: must be >= 1")
+    if n_embd % n_head:
+        raise ConfigError(f"model.n_embd={n_embd} does not divide into model.n_head={n_head} heads; choose a width "
+                          "that is a multiple of the head count")
+
+
 def _check_dropout(cfg: ModelConfig) -> None:
     p = cfg.kwargs.get("dropout", 0.0)
     if not 0 <= p < 1:
@@ -147,6 +169,7 @@ def _check_dropout(cfg: ModelConfig) -> None:
 
 for _factory in (mlp, mlp3, lenet, convnet):
     _factory.dtrain_check = _check_dropout
+gpt.dtrain_check = _check_gpt
 
 
 @dataclass(frozen=True)
@@ -170,6 +193,7 @@ MODELS: dict[str, Spec] = {
                                           "1.": "fc1.", "3.": "fc2."}, ("Conv2d", "Linear")),
     "resnet18": Spec("classification", 3, blocks=("BasicBlock",)),
     "linear": Spec("regression", legacy={"1.": "linear."}),
+    "gpt": Spec("language_modeling", blocks=("Block",)),
 }
 BUILTIN = BUILTIN_MODELS  # name -> _target_ (config.py), for configs from before _target_
 assert BUILTIN.keys() == MODELS.keys()

@@ -41,9 +41,9 @@ def test_torchrun_with_two_ranks_agrees_on_one_timestamped_run_folder(tmp_path):
 def test_help_lists_the_config_groups_and_their_options():
     out = subprocess.run([sys.executable, "-m", "dtrain", "--help"], cwd=ROOT, env=CHILD_ENV,
                          capture_output=True, text=True, timeout=120).stdout
-    for text in ("model: convnet, lenet, linear, mlp, mlp3, resnet18", "optim: adagrad, adam, adamw, rmsprop, sgd",
-                 "debug: anomaly, fast, none, overfit",
-                 "experiment: cifar10_convnet_tutorial, cifar10_lenet, cifar10_lenet_tutorial, cifar10_resnet18",
+    for text in ("model: convnet, gpt, lenet, linear, mlp, mlp3, resnet18",
+                 "optim: adagrad, adam, adamw, rmsprop, sgd", "debug: anomaly, fast, none, overfit",
+                 "experiment: char_gpt, char_gpt_gpu, cifar10_convnet_tutorial, cifar10_lenet, cifar10_lenet_tutorial",
                  "trainer.precision: fp32, bf16, fp16", "data.batch_size is the GLOBAL batch"):
         assert text in out, out
 

@@ -16,6 +16,7 @@ from dtrain.data.images import SAMPLE_DIR, cifar10, imagefolder, mnist, mnist_sa
 from dtrain.data.loaders import (DeviceLoader, Loaders, ShardSampler, StreamLoader, TrainSampler, collate_of,
                                  epoch_order, eval_loader, loaders, on_device, train_loader)
 from dtrain.data.tables import csv_table, read_table, regression, regression_truth, synthetic, table_columns
+from dtrain.data.text import text
 from dtrain.data import streams
 from dtrain.data.user import as_splits, is_stream
 
@@ -34,6 +35,6 @@ def build(cfg: DataConfig, world: w.World, made: object = None) -> Splits:
 
 __all__ = ["Splits", "Tensors", "ToFloat", "split_indices", "tensor_splits", "SAMPLE_DIR", "read_idx",
            "read_idx_pair", "read_rgb", "mnist_sample", "mnist", "cifar10", "imagefolder", "synthetic", "regression",
-           "regression_truth", "csv_table", "read_table", "table_columns", "epoch_order", "TrainSampler",
+           "regression_truth", "csv_table", "text", "read_table", "table_columns", "epoch_order", "TrainSampler",
            "StreamLoader", "DeviceLoader", "ShardSampler", "Loaders", "on_device", "train_loader", "eval_loader",
            "loaders", "BUILTIN", "build", "as_splits", "collate_of", "is_stream", "streams"]

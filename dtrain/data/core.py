@@ -4,7 +4,7 @@ train/val/test carving."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,6 +32,7 @@ class Splits:
     target: Optional[str] = None
     scaler: Optional[tuple[list[float], list[float]]] = None
     input_dtype: Optional[str] = None  # a user's data set: the inputs' dtype (None: float32)
+    baselines: dict = field(default_factory=dict)  # reference figures for the summary (data=text: the unigram's)
 
     def names(self) -> list[str]:
         """The class names (classification): given, else the class indices."""
