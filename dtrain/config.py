@@ -183,6 +183,12 @@ class DistConfig:
     # optimizer state sharded); or the dotted path of a dtrain.strategy.Strategy subclass of your own
     strategy: str = "ddp"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    # tensor parallelism (dist.strategy=fsdp): world/tp data-parallel groups of tp ranks on a 2-D mesh
+    # ("dp", "tp"); FSDP2 shards over dp. 1: none
+    tp: int = 1
+    # [{module: GLOB, style: colwise|rowwise|sequence}] over named_modules() names; None: the model's own
+    # tp_plan (model=gpt has one)
+    tp_plan: Optional[list[Any]] = None
     # DistributedDataParallel's options, with PyTorch's defaults
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False

@@ -67,6 +67,17 @@ class GPT(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
+    def tp_plan(self, tp: int) -> dict[str, str]:
+        """Its tensor-parallel plan (dist.tp > 1): attention's q/k/v column-wise (each rank a slice of the heads)
+        and its output projection row-wise; the MLP's fc column-wise and proj row-wise (Megatron's split)."""
+        n_head = self.h[0].attn.q.out_features // self.h[0].attn.head_dim if len(self.h) else tp
+        if n_head % tp:
+            from dtrain.errors import ConfigError
+            raise ConfigError(f"dist.tp={tp}: model.n_head={n_head} heads do not split evenly over {tp} ranks; choose "
+                              "a tp that divides the head count")
+        return {"h.*.attn.q": "colwise", "h.*.attn.k": "colwise", "h.*.attn.v": "colwise", "h.*.attn.proj": "rowwise",
+                "h.*.mlp.fc": "colwise", "h.*.mlp.proj": "rowwise"}
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -25,6 +25,7 @@ class Strategy:
     lockstep_forward: ClassVar[bool] = False  # True: every forward is a collective, so ranks run as many
     shards_parameters: ClassVar[bool] = False  # parameters are DTensors (which optimizer kernels take them)
     checkpoint_format: ClassVar[str] = "file"  # what checkpoint.format=auto writes: file or dcp
+    tensor_parallel: ClassVar[bool] = False  # takes dist.tp > 1 (a 2-D mesh)
     # The keys of its own (key -> default): under another strategy a changed one is refused, never ignored.
     options: ClassVar[dict[str, Any]] = {}
 
@@ -39,6 +40,11 @@ class Strategy:
         """This strategy's own config rules (a subclass adds its own); by default: another strategy's options
         left at their defaults."""
         from dtrain.validate import fail, get
+        if cfg.dist.tp != 1 and not cls.tensor_parallel:
+            fail("dist.tp", cfg.dist.tp, f"tensor parallelism needs dist.strategy=fsdp (FSDP2 over the data-parallel "
+                 f"dimension of a 2-D mesh); {cls.describe} cannot hold tensor-parallel parameters")
+        if cfg.dist.tp_plan is not None and cfg.dist.tp == 1:
+            fail("dist.tp_plan", cfg.dist.tp_plan, "a plan splits layers over dist.tp ranks; set dist.tp > 1")
         for other in others:
             for key, default in other.options.items():
                 if key not in cls.options and get(cfg, key) != default:
@@ -47,8 +53,13 @@ class Strategy:
 
     @classmethod
     def data_parallel_size(cls, cfg: Config, world: w.World) -> int:
-        """How many data-parallel ranks share a global batch (what data.batch_size must divide by)."""
-        return world.world_size
+        """How many data-parallel ranks share a global batch (what data.batch_size must divide by); a world
+        that cannot be laid out as the config asks is one ConfigError."""
+        from dtrain.validate import fail
+        if cfg.dist.tp < 1 or world.world_size % cfg.dist.tp:
+            fail("dist.tp", cfg.dist.tp, f"the {world.world_size} rank(s) must split into groups of dist.tp ranks; "
+                 "choose a tp that divides the world size")
+        return world.world_size // cfg.dist.tp
 
     # -- the world as the data sees it --------------------------------------------------------------------
 

@@ -8,19 +8,27 @@ the root alone. With `dist.fsdp.meta_init=true` the model is built on the meta d
 shards are ever materialised (`to_empty`, then each module's `reset_parameters`): no rank holds the whole
 model, but the random draw is not the unsharded one's. Otherwise the whole model is initialised from the
 seed first and sharded after, so its weights match DDP's and any world size's.
+
+With dist.tp > 1 the world is a 2-D mesh ("dp", "tp"): tensor parallelism first splits the planned layers
+over each group of tp ranks (dtrain/strategy/tensor.py), then activation checkpointing, then FSDP2 shards
+over dp, torchtitan's order. The tp ranks of a dp group see the same batches; samplers and metric sums use
+the dp coordinate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
 
 from dtrain import models
+from dtrain import world as w
 from dtrain.config import Config, Precision
 from dtrain.models import blocks_of
+from dtrain.strategy import tensor
 from dtrain.strategy.base import Strategy, by_name
 
 
@@ -31,6 +39,7 @@ class FSDP(Strategy):
     lockstep_forward = True  # each block's forward all-gathers its parameters
     shards_parameters = True
     checkpoint_format = "dcp"  # each rank writes its own shards
+    tensor_parallel = True
     options = {"dist.fsdp.shard": None, "dist.fsdp.reshard_after_forward": True, "dist.fsdp.meta_init": False}
 
     @classmethod
@@ -40,6 +49,9 @@ class FSDP(Strategy):
         if cfg.trainer.compile:
             fail("trainer.compile", True, "not with dist.strategy=fsdp here (compile the blocks yourself, or "
                  "use dist.strategy=ddp)")
+        if cfg.dist.tp > 1 and cfg.dist.fsdp.meta_init:
+            fail("dist.fsdp.meta_init", True, "not with dist.tp > 1 here: the model is built whole, split by the "
+                 "tensor-parallel plan, then sharded")
         if cfg.trainer.precision == Precision.fp16:
             fail("trainer.precision", "fp16", "dist.strategy=fsdp trains in fp32 or bf16 (bf16 parameters, fp32 "
                  "gradient reduction); fp16 would need a sharded gradient scaler")
@@ -49,7 +61,31 @@ class FSDP(Strategy):
         shard = self.cfg.dist.fsdp.shard
         return tuple(shard) if shard is not None else super().blocks
 
+    @functools.cached_property
+    def mesh(self):
+        """The device mesh: 1-D over every rank, or 2-D ("dp", "tp") with dist.tp > 1 (rank = dp * tp + tp)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        tp = self.cfg.dist.tp
+        if tp == 1:
+            return init_device_mesh(self.world.device.type, (self.world.world_size,))
+        return init_device_mesh(self.world.device.type, (self.world.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+    @property
+    def dp(self) -> w.DataParallel:
+        tp = self.cfg.dist.tp
+        if tp == 1:
+            return super().dp
+        return w.DataParallel(self.world.rank // tp, self.world.world_size // tp, self.mesh.get_group("dp"))
+
     def setup(self, build: Callable[[], nn.Module], input_format: torch.memory_format) -> tuple[nn.Module, nn.Module]:
+        if self.cfg.dist.tp > 1:  # tensor parallel, then activation checkpointing, then FSDP over dp
+            model = build()
+            if self.cfg.model.init_from:
+                models.init_from(model, self.cfg.model.name, self.cfg.model.init_from)
+            model.to(self.world.device, memory_format=input_format)
+            tensor.apply(model, self.mesh["tp"], tensor.plan_of(model, self.cfg.dist.tp_plan, self.cfg.dist.tp))
+            self.checkpoint_activations(model)
+            return model, self.wrap(model)
         if not self.cfg.dist.fsdp.meta_init:
             return super().setup(build, input_format)
         with torch.device("meta"):
@@ -66,9 +102,8 @@ class FSDP(Strategy):
         return model, net
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-        mesh = init_device_mesh(self.world.device.type, (self.world.world_size,))
+        mesh = self.mesh["dp"] if self.cfg.dist.tp > 1 else self.mesh
         reshard = self.cfg.dist.fsdp.reshard_after_forward
         if self.precision == Precision.bf16:
             # bf16 parameters for compute, fp32 gradient reduction (sums of many small bf16 gradients lose
@@ -95,6 +130,8 @@ class FSDP(Strategy):
         return contextlib.nullcontext()
 
     def clip_grad_norm(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        if self.cfg.dist.tp > 1:  # parameters on two meshes (2-D and dp), which clip_grad_norm_ cannot stack
+            return tensor.clip_grad_norm(parameters, max_norm)
         norm = nn.utils.clip_grad_norm_(list(parameters), max_norm)  # over every rank's shards
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 

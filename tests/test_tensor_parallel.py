@@ -1,0 +1,187 @@
+"""Tensor parallelism inside FSDP2 on a 2-D mesh (issue 32, items 2-5): dist.tp splits the world into dp
+groups of tp ranks; the GPT's own plan and a user's dist.tp_plan train to the same weights as FSDP alone;
+a 2-D checkpoint resumes bit-identically and continues at other shapes; impossible plans are one line."""
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dtrain
+from conftest import CHILD_ENV, FAULTS, ROOT, Live, assert_same_weights, run_cli
+from dtrain import app
+from dtrain import world as w
+from dtrain.errors import ConfigError
+from dtrain.gpt import GPT
+from dtrain.strategy import tensor
+from dtrain.validate import check_world
+
+GPT_RUN = ("experiment=char_gpt", "dist.strategy=fsdp", "model.n_layer=2", "model.n_embd=64", "trainer.device=cpu",
+           "logger.plots=false")
+
+MY_MLP = '''
+import torch
+from torch import nn
+
+
+class Wide(nn.Module):
+    """A user's model: an embedding of the input, a block whose w1 and w2 a dist.tp_plan splits, a head."""
+
+    def __init__(self, input_shape, num_classes, width=16, hidden=64):
+        super().__init__()
+        self.inp = nn.Linear(input_shape[0], width)
+        self.block = nn.ModuleDict({"w1": nn.Linear(width, hidden), "w2": nn.Linear(hidden, width)})
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.block["w2"](torch.relu(self.block["w1"](h)))
+        return self.head(h)
+'''
+
+
+@pytest.fixture
+def my_project(tmp_path):
+    """A user's package and config folder: model=wide with its dist.tp_plan."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "my_mlp.py").write_text(MY_MLP)
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "wide.yaml").write_text("_target_: my_mlp.Wide\nname: wide\nwidth: 16\nhidden: 64\n")
+    return tmp_path
+
+
+def wide_run(my_project, *overrides):
+    return ("--config-dir", str(my_project / "conf"), "model=wide", "data=synthetic", "data.shape=[12]",
+            "data.num_samples=1200", "data.batch_size=32", "optim=adamw", "trainer.grad_clip=0.5",
+            "dist.strategy=fsdp", "trainer.device=cpu", "logger.plots=false",
+            "dist.tp_plan=[{module: block.w1, style: colwise},{module: block.w2, style: rowwise}]", *overrides)
+
+
+def weights(run_dir) -> dict:
+    return dtrain.load_model(run_dir / "checkpoints" / "latest").net.state_dict()  # a 2-D DCP, in one process
+
+
+# -- plans and refusals (one process) ---------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_the_gpts_own_plan_splits_attention_and_mlp_and_a_user_plan_names_modules_by_glob():
+    model = GPT(vocab_size=10, block_size=8, n_layer=2, n_head=4, n_embd=32)
+    plan = tensor.plan_of(model, None, 2)
+    assert plan == {f"h.{i}.{m}": s for i in (0, 1) for m, s in (
+        ("attn.q", "colwise"), ("attn.k", "colwise"), ("attn.v", "colwise"), ("attn.proj", "rowwise"),
+        ("mlp.fc", "colwise"), ("mlp.proj", "rowwise"))}
+    mine = tensor.plan_of(model, [{"module": "h.0.mlp.fc", "style": "colwise"},
+                                  {"module": "h.*.mlp.fc", "style": "rowwise"}], 2)  # the first match wins
+    assert mine == {"h.0.mlp.fc": "colwise", "h.1.mlp.fc": "rowwise"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("plan,tp,message", [
+    (None, 3, "dist.tp=3: model.n_head=4 heads do not split evenly over 3 ranks"),
+    ([{"module": "h.*.mlp.fc", "style": "colwise"}, {"module": "h.*.mlp.*", "style": "rowwise"}], 2,
+     "dist.tp_plan: h.0.mlp.dropout is a Dropout; the rowwise style splits an nn.Linear"),
+    ([{"module": "blocks.*.fc", "style": "colwise"}], 2,
+     "dist.tp_plan[0].module='blocks.*.fc' matches no module of GPT"),
+    ([{"module": "h.0.mlp.fc", "style": "diagonal"}], 2, "dist.tp_plan[0].style='diagonal' is not allowed"),
+    ([{"module": "lm_head"}], 2, "dist.tp_plan[0]={'module': 'lm_head'} is not allowed"),
+    ([{"module": "h.0.mlp.fc", "style": "colwise"}], 3,
+     "dist.tp_plan: h.0.mlp.fc has 128 output features, which do not divide by dist.tp=3"),
+])
+def test_an_impossible_plan_is_one_line_naming_the_layer_and_sizes(plan, tp, message):
+    model = GPT(vocab_size=10, block_size=8, n_layer=2, n_head=4, n_embd=32)
+    with pytest.raises(ConfigError) as refused:
+        tensor.plan_of(model, plan, tp)
+    assert str(refused.value).startswith(message), refused.value
+
+
+@pytest.mark.unit
+def test_a_model_without_a_plan_needs_dist_tp_plan():
+    with pytest.raises(ConfigError, match=r"dist.tp=2: Linear has no tensor-parallel plan of its own; give dist.tp_"):
+        tensor.plan_of(torch.nn.Linear(4, 4), None, 2)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (("dist.strategy=ddp", "dist.tp=2"), 4, "dist.tp=2 is not allowed: tensor parallelism needs dist.strategy=fsdp"),
+    (("dist.strategy=fsdp", "dist.tp=3"), 4, "dist.tp=3 is not allowed: the 4 rank(s) must split into groups"),
+    (("dist.strategy=fsdp", "dist.tp=2", "data.batch_size=33"), 4,
+     "data.batch_size=33 is not allowed: the global batch must divide evenly by the world size 4 (2 data-parallel"),
+    (("dist.strategy=fsdp", "dist.tp_plan=[{module: x, style: colwise}]"), 2, "dist.tp_plan=[{'module': 'x'"),
+    (("dist.strategy=fsdp", "dist.tp=2", "dist.fsdp.meta_init=true"), 4, "dist.fsdp.meta_init=True is not allowed"),
+])
+def test_a_world_that_cannot_be_laid_out_is_one_line(overrides, world_size, message):
+    with pytest.raises(ConfigError) as refused:
+        cfg = app.make_config(app.compose(["model=gpt", "data=text", *overrides]))
+        check_world(cfg, w.World(world_size=world_size))
+    assert str(refused.value).startswith(message), refused.value
+
+
+def test_the_launcher_refuses_tp_that_does_not_divide_its_ranks_before_any_worker_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dtrain.launch", "launcher.nproc_per_node=3", *GPT_RUN,
+                           "dist.tp=2"], cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "dtrain: error: dist.tp=2 is not allowed: the 3 rank(s) must split into groups"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- on a mesh ------------------------------------------------------------------------------------------
+
+def test_a_2x2_mesh_trains_the_gpt_reports_perplexity_and_its_checkpoint_reads_in_one_process(tmp_path):
+    run = run_cli(tmp_path / "run", *GPT_RUN, "dist.tp=2", "trainer.max_steps=4", nproc=4, timeout=300)
+    assert run.code == 0, run
+    assert run.summary["world_size"] == 4 and run.summary["tokens_per_sec"] > 0 and "val_perplexity" in run.summary
+    state = weights(run.dir)
+    assert state["h.0.attn.q.weight"].shape == (64, 64)  # whole again: plain names and shapes
+    assert dtrain.evaluate(run.dir / "checkpoints" / "latest")["perplexity"] == \
+        pytest.approx(run.summary["val_perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_gpt_on_2x2_reaches_fsdp_over_4s_weights_after_30_steps(tmp_path):
+    fsdp = run_cli(tmp_path / "fsdp", *GPT_RUN, "trainer.max_steps=30", nproc=4, timeout=600)
+    mesh = run_cli(tmp_path / "mesh", *GPT_RUN, "dist.tp=2", "trainer.max_steps=30", nproc=4, timeout=600)
+    assert fsdp.code == 0 and mesh.code == 0, (fsdp, mesh)
+    assert_same_weights(weights(fsdp.dir), weights(mesh.dir), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_user_model_with_a_tp_plan_on_2x2_reaches_fsdp_over_4s_weights(tmp_path, my_project, monkeypatch):
+    env = {"PYTHONPATH": str(my_project / "pkg")}
+    plain = run_cli(tmp_path / "plain", *wide_run(my_project, "trainer.max_steps=30", "dist.tp_plan=null"),
+                    nproc=4, timeout=600, env=env)
+    mesh = run_cli(tmp_path / "mesh", *wide_run(my_project, "trainer.max_steps=30", "dist.tp=2"), nproc=4,
+                   timeout=600, env=env)
+    assert plain.code == 0 and mesh.code == 0, (plain, mesh)
+    monkeypatch.syspath_prepend(str(my_project / "pkg"))  # load_model rebuilds the user's model here
+    assert_same_weights(weights(plain.dir), weights(mesh.dir), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_2x2_run_stopped_by_sigterm_resumes_bit_identically_and_continues_at_other_shapes(tmp_path):
+    common = (*GPT_RUN, "trainer.max_steps=24", "trainer.log_every_n_steps=1")
+    reference = run_cli(tmp_path / "ref", *common, "dist.tp=2", nproc=4, timeout=600)
+    assert reference.code == 0, reference
+    job = Live("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", FAULTS, *common, "dist.tp=2",
+               f"hydra.run.dir={tmp_path / 'run'}", env={"DTRAIN_FAULT": "slow:0:8"})
+    job.wait_for(" step 10/")
+    job.signal_group(signal.SIGTERM)
+    assert job.finish(timeout=300) != 0 and "checkpoint saved" in job.stdout, job
+    resumed = run_cli(tmp_path / "run", *common, "dist.tp=2", nproc=4, timeout=600)
+    assert resumed.code == 0 and "resumed from" in resumed.out, resumed
+    assert_same_weights(weights(reference.dir), weights(tmp_path / "run"), rtol=0, atol=0)
+    # The 2x2 checkpoint continues on 2 ranks without tensor parallelism, and in one process.
+    for nproc, name in ((2, "two"), (1, "one")):
+        shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / name / "checkpoints")
+        more = run_cli(tmp_path / name, *GPT_RUN, "trainer.max_steps=30", "checkpoint.allow_config_change=true",
+                       "trainer.log_every_n_steps=1", nproc=nproc, timeout=600)
+        assert more.code == 0 and "resumed from" in more.out and " step 25/" in more.out, more
+        assert more.summary["steps"] == 30 and more.summary["world_size"] == nproc
+    latest = tmp_path / "run" / "checkpoints" / "latest"  # the 2-D checkpoint, exported in one process
+    exported = subprocess.run([sys.executable, "-m", "dtrain.export", f"ckpt={latest}", "format=onnx",
+                               f"out={tmp_path / 'gpt.onnx'}"], cwd=ROOT, env=CHILD_ENV,
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0 and "onnxruntime output within" in exported.stdout, exported.stderr[-3000:]
