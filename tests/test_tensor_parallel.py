@@ -185,3 +185,17 @@ def test_a_2x2_run_stopped_by_sigterm_resumes_bit_identically_and_continues_at_o
                                f"out={tmp_path / 'gpt.onnx'}"], cwd=ROOT, env=CHILD_ENV,
                               capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0 and "onnxruntime output within" in exported.stdout, exported.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_accumulation_activation_checkpointing_bf16_and_async_saves_work_on_the_mesh(tmp_path):
+    common = (*GPT_RUN, "trainer.max_steps=6", "trainer.accumulate_grad_batches=2",
+              "trainer.activation_checkpointing=true")
+    plain = run_cli(tmp_path / "plain", *common, nproc=2, timeout=300)
+    split = run_cli(tmp_path / "split", *common, "dist.tp=2", nproc=2, timeout=300)
+    assert plain.code == 0 and split.code == 0, (plain, split)
+    assert_same_weights(weights(plain.dir), weights(split.dir), rtol=0, atol=1e-4)
+    fast = run_cli(tmp_path / "bf16", *common, "dist.tp=2", "trainer.precision=bf16", "checkpoint.async_save=true",
+                   "checkpoint.every_n_steps=3", nproc=2, timeout=300)
+    assert fast.code == 0 and fast.summary["precision"] == "bf16", fast
+    assert {p.name for p in (fast.dir / "checkpoints").glob("step-*")} == {"step-00000003", "step-00000006"}
