@@ -143,5 +143,6 @@ def test_a_data_sets_own_task_attribute_chooses_the_task_and_a_wrong_one_is_one_
     with pytest.raises(dtrain.runs.TrainingFailed) as failed:
         dtrain.fit(TinySegmenter, misnamed, overrides=["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'bad'}"])
     assert failed.value.code == 2
+    err = capsys.readouterr().err  # the registered tasks follow (other tests may have registered more)
     assert "data: test_research_tasks.DeclaredSquares's attribute task='segmantation' is not allowed: choose " \
-        "one of classification, free, language_modeling, regression, segmentation" in capsys.readouterr().err
+        "one of " in err and "segmentation" in err.rsplit("choose one of", 1)[1]
