@@ -232,6 +232,7 @@ def two_rank_reference(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_a_rank_killed_with_sigkill_is_restarted_by_torchrun_and_the_run_ends_as_if_never_killed(tmp_path,
                                                                                                   two_rank_reference):
     # The default run folder (runs/<name>/<torchrun launch time>) must survive torchrun's restart.

@@ -47,7 +47,8 @@ def test_sharding_options_that_need_fsdp_or_dcp_are_refused_without_them():
     make_config("checkpoint.async_save=true", "checkpoint.format=dcp")  # DCP under DDP is allowed
 
 
-@pytest.mark.parametrize("workload", [SMALL, pytest.param(CONV, marks=pytest.mark.slow)], ids=["mlp", "conv"])
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", [SMALL, CONV], ids=["mlp", "conv"])
 def test_fsdp_trains_the_weights_ddp_trains_and_holds_half_the_state_per_rank(tmp_path, workload):
     common = (*workload, "trainer.accumulate_grad_batches=2", "trainer.grad_clip=0.5", "checkpoint.format=file")
     ddp = run_cli(tmp_path / "ddp", *common, nproc=2, timeout=300)
@@ -120,6 +121,7 @@ def test_an_asynchronous_save_trains_the_same_records_its_stall_and_completes_be
     assert all("checkpoint_stall_s" in m for m in both.metrics)
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_is_used_like_a_file_evaluate_predict_export_and_init_from(tmp_path):
     run = run_cli(tmp_path / "run", *SMALL, "dist.strategy=fsdp", nproc=2, timeout=300)
     assert run.code == 0, run

@@ -58,6 +58,7 @@ def test_two_ranks_with_two_workers_each_train_on_no_item_twice_and_end_together
     assert set(seen) <= set(range(203)) and len(seen) > 180
 
 
+@pytest.mark.slow
 def test_an_endless_stream_needs_max_steps_and_one_without_val_is_not_validated(tmp_path, quiet_logs,
                                                                                streams_importable, caplog):
     with pytest.raises(ConfigError, match="the stream has no end that dtrain can know .* set trainer.max_steps"):
