@@ -44,10 +44,14 @@ class Objects:
     collate: Any = None  # a function: a list of items -> a batch
 
     def held_only(self) -> list[str]:
-        """What a checkpoint cannot rebuild from its config (evaluate asks for these): a data set given as an
-        object (not a class or function an import finds), a loss, collate or metric not such a function. The
-        model is rebuilt from its class, and strict loading refuses one that differs."""
-        held = [] if self.data is None or plugins.importable(self.data) else ["data"]
+        """What a checkpoint cannot rebuild from its config (evaluate asks for these): a model whose class an
+        import does not find (a script's own), a data set given as an object (not a class or function an import
+        finds), a loss, collate or metric not such a function. A model instance of an importable class is
+        rebuilt from its class, and strict loading refuses one whose shapes differ."""
+        model = self.model if self.model is None or inspect.isclass(self.model) or inspect.isfunction(self.model) \
+            else type(self.model)
+        held = [] if model is None or plugins.importable(model) else ["model"]
+        held += [] if self.data is None or plugins.importable(self.data) else ["data"]
         for key, obj in (("loss", self.loss), ("collate", self.collate), *(
                 (f"metrics.{name}", m) for name, m in (self.metrics or {}).items())):
             if obj is not None and not (inspect.isfunction(obj) and plugins.importable(obj)):

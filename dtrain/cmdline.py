@@ -44,8 +44,10 @@ def split(argv: Sequence[str]) -> Args:
         if not arg.startswith("-"):
             out.overrides.append(arg)
             continue
-        out.flags.append(arg)
         name, eq, _ = arg.partition("=")
+        if name in INFO and not eq and not (i < len(argv) and argv[i] in INFO_TOPICS):
+            arg = f"{name}=all"  # bare: placed before an override, Hydra would take that for its topic
+        out.flags.append(arg)
         takes = (name in WITH_VALUE or name in INFO and i < len(argv) and argv[i] in INFO_TOPICS) and not eq
         if takes and i < len(argv):
             out.flags.append(argv[i])

@@ -186,7 +186,7 @@ class DistConfig:
     # tensor parallelism (dist.strategy=fsdp): world/tp data-parallel groups of tp ranks on a 2-D mesh
     # ("dp", "tp"); FSDP2 shards over dp. 1: none
     tp: int = 1
-    # [{module: GLOB, style: colwise|rowwise|sequence}] over named_modules() names; None: the model's own
+    # [{module: GLOB, style: colwise|rowwise}] over named_modules() names; None: the model's own
     # tp_plan (model=gpt has one)
     tp_plan: Optional[list[Any]] = None
     # DistributedDataParallel's options, with PyTorch's defaults

@@ -87,8 +87,9 @@ def load_model(path: str | Path, device: str = "cpu", model: Optional[nn.Module]
     try:
         models.load_weights(net, cfg.model.name, ckpt.weights(state))
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit model={cfg.model.name} "
-                              f"({str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"checkpoint {path} does not fit model={cfg.model.name} ({str(e).splitlines()[0]}); "
+                              "for a model dtrain.fit was given as an instance, pass one built as it was: "
+                              "model=...") from e
     dev = torch.device(device)
     return Model(net.to(dev).eval(), cfg, info, dev, str(path))
 
@@ -132,6 +133,10 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
         sections["data"] = {**sections.get("data", {}), "mean": stored["mean"], "std": stored["std"]}
     cfg = checkpoint_config(state, frozenset(k for k in ("model", "data", "loss") if given[k] is not None), **sections)
     splits = data_module.build(cfg.data, world, plugins.called(data, {"options": cfg.data, "world": world}))
+    names = tasks.get(splits.task).class_names(splits.class_names, splits.out)
+    if stored.get("classes") is not None and names != stored["classes"]:  # other labels, or another vocabulary
+        raise BadInput(f"data={cfg.data.name}: its classes ({_few(names)}) are not those the checkpoint {path} was "
+                       f"trained on ({_few(stored['classes'])}); evaluate on data with the same classes")
     have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]
     split = split if split != "auto" else have[-1]
     if split not in have:
@@ -151,6 +156,10 @@ def evaluate(path: str | Path, split: str = "auto", world: Optional[w.World] = N
         result["classes"] = splits.class_names or [str(i) for i in range(splits.out)]
         result["per_class_acc"] = [row[i] / max(sum(row), 1) for i, row in enumerate(rows)]
     return {"ckpt": str(path), "split": split, "model": cfg.model.name, "data": cfg.data.name, **result}
+
+
+def _few(names: list) -> str:
+    return ", ".join(map(repr, names[:5])) + (f", ... {len(names)} in all" if len(names) > 5 else "")
 
 
 def _is_data(value: Any) -> bool:

@@ -77,10 +77,14 @@ def arguments(argv: list[str]) -> cmdline.Args:
 
 
 def compose(argv: list[str], with_hydra: bool = False):
-    """The config `python -m dtrain argv` would run (app.compose), composed without running anything."""
+    """The config `python -m dtrain argv` would run (app.compose), composed without running anything. As
+    Hydra's parser does, the last --config-dir and --config-name count."""
     args = arguments(argv)
-    names = args.values("--config-name", "-cn")
-    return app.compose(args.overrides, hydra=with_hydra, search=[Path(d) for d in args.values("--config-dir", "-cd")],
+    names, folders = args.values("--config-name", "-cn"), args.values("--config-dir", "-cd")
+    for flag, values in (("--config-dir", folders), ("--config-name", names)):
+        if values and not values[-1]:
+            raise ConfigError(f"{flag}: give a value ({flag} {'DIR' if flag == '--config-dir' else 'NAME'})")
+    return app.compose(args.overrides, hydra=with_hydra, search=[Path(folders[-1])] if folders else [],
                        name=names[-1] if names else app.CONFIG_NAME)
 
 
@@ -90,6 +94,10 @@ def sweep(argv: list[str]) -> list[list[str]]:
     args = arguments(argv)
     if not args.has("--multirun", "-m"):
         return [argv]
+    for override in args.overrides:  # Hydra's sweep plug-ins are python -m dtrain -m's, not the launcher's
+        if override.lstrip("+~").startswith(("hydra/launcher=", "hydra/sweeper=", "hydra.sweeper.", "hydra.launcher.")):
+            raise ConfigError(f"{override}: dtrain.launch -m sweeps the points one after another itself; for Hydra's "
+                              "launchers and sweepers (SLURM, ...) use python -m dtrain -m")
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -317,15 +325,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"dtrain.launch: sweep point {n + 1}/{len(planned)}: {' '.join(point)}", flush=True)
         code = launch(point, cfg, p)
         worst = worst or code
-        if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):  # stopped by a signal: the rest of the sweep is not run
+        if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED) or code >= 128:  # a signal: the rest of the sweep is not run
             return code
     return worst
 
 
 def sweep_folder(point: list[str], n: int) -> str:
-    """A sweep point's run folder: hydra.sweep.dir/<n>-<name>, as `python -m dtrain -m` names it."""
-    full = compose(point, with_hydra=True)
-    return str(Path(str(full.hydra.sweep.dir)) / f"{n}-{full.name}")
+    """A sweep point's run folder: hydra.sweep.dir/hydra.sweep.subdir (<n>-<name> unless overridden), as
+    `python -m dtrain -m` names it."""
+    full = compose([*point, f"hydra.job.num={n}"], with_hydra=True)
+    return str(Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir))
 
 
 def validated(argv: list[str]) -> tuple[Config, Plan]:

@@ -8,7 +8,7 @@ layouts; dtrain/checkpointer.py decides when."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -40,23 +40,28 @@ class Progress:
 
 class RankState:
     """Each rank's own random state and running sums, gathered from every rank into the checkpoint (a
-    collective: every rank calls `state_dict`). The same world size continues each rank's exactly. Another
-    cannot: random streams restart from the seed (a warning says so) and the sums, being additive, go to the
-    main rank. The data position itself re-shards on any world size (data.TrainSampler)."""
+    collective: every rank calls `state_dict`). The same data-parallel layout continues each data-parallel
+    rank's exactly (under tensor parallelism the tp ranks of a group share theirs, whatever tp was). Another
+    cannot: random streams restart from the seed (a warning says so; the same within a tp group) and the
+    sums, being additive, go to the first data-parallel rank, each group's counted once. The data position
+    itself re-shards on any world size (data.TrainSampler)."""
 
-    def __init__(self, world: w.World, seed: int, progress: Progress, sums: Any, stream: Any = None):
+    def __init__(self, world: w.World, seed: int, progress: Progress, sums: Any, stream: Any = None,
+                 dp: Optional[w.DataParallel] = None):
         self.world, self.seed, self.progress, self.sums = world, seed, progress, sums
         self.stream = stream  # a stream's loader: each rank's position in its share (torchdata's state)
+        self.dp = dp or w.DataParallel(world.rank, world.world_size)
 
     def state_dict(self) -> dict:
         mine = {"rng": rng_state(), "epoch_sums": self.sums.value().cpu(),
                 **({"stream": self.stream.state_dict()} if self.stream is not None else {})}
-        return {"world_size": self.world.world_size, "ranks": w.gather_objects(mine)}
+        return {"world_size": self.world.world_size, "dp_size": self.dp.size, "ranks": w.gather_objects(mine)}
 
     def load_state_dict(self, state: dict) -> None:
-        ranks = state["ranks"]
-        if state["world_size"] == self.world.world_size:
-            share = dict(ranks[self.world.rank])
+        ranks, dp_size = state["ranks"], state.get("dp_size", state["world_size"])
+        tp = state["world_size"] // dp_size  # the saved run's tensor-parallel group size
+        if dp_size == self.dp.size:
+            share = dict(ranks[self.dp.rank * tp])  # the first rank of this data-parallel group then
             set_rng_state(share.pop("rng"))
             self.sums.reset(share["epoch_sums"])
             if self.stream is not None and "stream" in share:
@@ -66,13 +71,14 @@ class RankState:
                              "to where it stopped (give it state_dict/load_state_dict to skip that)")
             return
         if self.stream is not None and "stream" in ranks[0]:
-            raise CheckpointError(f"this checkpoint holds the positions of {state['world_size']} ranks' shares of a "
-                                  f"stream, which do not move to {self.world.world_size} ranks; resume on "
-                                  f"{state['world_size']} ranks (or resume=none)")
-        log.warning(f"resuming {state['world_size']} ranks' checkpoint on {self.world.world_size} "
-                    "ranks: data continues from the saved position, random streams are re-seeded")
-        seed_everything(self.seed + self.world.rank + self.progress.step)
-        self.sums.reset(sum(r["epoch_sums"] for r in ranks) * (1 if self.world.is_main else 0))
+            raise CheckpointError(f"this checkpoint holds the positions of {dp_size} data-parallel ranks' shares of "
+                                  f"a stream, which do not move to {self.dp.size}; resume with {dp_size} data-parallel "
+                                  "ranks (or resume=none)")
+        log.warning(f"resuming {dp_size} data-parallel ranks' checkpoint on {self.dp.size}: data continues from the "
+                    "saved position, random streams are re-seeded")
+        seed_everything(self.seed + self.dp.rank + self.progress.step)
+        firsts = ranks[::tp]  # one rank of each saved tp group: their sums are the same
+        self.sums.reset(sum(r["epoch_sums"] for r in firsts) * (1 if self.dp.rank == 0 else 0))
 
 
 @dataclass

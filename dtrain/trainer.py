@@ -251,7 +251,7 @@ def checkpoint_parts(t: Trainer) -> CheckpointParts:
     stream = t.loaders.train if data.is_stream(t.splits.train) else None  # each rank's position in its share
     return CheckpointParts(t.model, t.optimizer, t.strategy, {
         "scheduler": t.scheduler, "scaler": t.scaler, "progress": t.progress, "callbacks": t.callbacks,
-        "logger": t.logger, "ranks": RankState(t.world, t.config.seed, t.progress, t.step.sums, stream)})
+        "logger": t.logger, "ranks": RankState(t.world, t.config.seed, t.progress, t.step.sums, stream, t.strategy.dp)})
 
 
 def size(items) -> object:

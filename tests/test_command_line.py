@@ -30,7 +30,8 @@ def my_conf(tmp_path):
     (["a=1", "--config-dir", "D", "b=2"], ["--config-dir", "D"], ["a=1", "b=2"]),
     (["a=1", "-m", "b=1,2", "-cd", "D", "--config-name=x"], ["-m", "-cd", "D", "--config-name=x"],
      ["a=1", "b=1,2"]),
-    (["--info", "a=1"], ["--info"], ["a=1"]),  # --info's value is optional: an override is not it
+    (["--info", "a=1"], ["--info=all"], ["a=1"]),  # --info's value is optional: an override is not it
+    (["a=1", "--info"], ["--info=all"], ["a=1"]),  # so a bare one, moved first, must not take the override
     (["--info", "searchpath", "a=1"], ["--info", "searchpath"], ["a=1"]),
     (["+x=1", "~y", "--cfg", "job"], ["--cfg", "job"], ["+x=1", "~y"]),
 ])
@@ -73,3 +74,17 @@ def test_the_launchers_workers_take_config_dir_after_the_launcher_keys(tmp_path,
                   "--config-name", "short", launcher=[sys.executable], target=("-m", "dtrain.launch"))
     assert run.code == 0, run
     assert (run.summary["model"], run.summary["steps"], run.summary["world_size"]) == ("mine", 3, 2)
+
+
+def test_a_sweeps_own_subdir_names_its_folders_and_hydras_launchers_are_python_m_dtrains(tmp_path, my_conf):
+    proc = subprocess.run([sys.executable, "-m", "dtrain.launch", "-m", "model=mine", *TINY, "trainer.max_steps=1",
+                           "optim.lr=0.1,0.2", "hydra.sweep.subdir=lr${optim.lr}", "--config-dir", str(my_conf)],
+                          cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [sweep] = (tmp_path / "runs" / "multirun").iterdir()
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["lr0.1", "lr0.2"]
+    refused = subprocess.run([sys.executable, "-m", "dtrain.launch", "-m", "optim.lr=0.1,0.2", "hydra/launcher=slurm"],
+                             cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        "dtrain: error: hydra/launcher=slurm: dtrain.launch -m sweeps the points one after another itself"), \
+        refused.stderr

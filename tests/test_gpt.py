@@ -10,7 +10,7 @@ import torch
 
 import dtrain
 from conftest import CHILD_ENV, run_cli
-from dtrain import app, data
+from dtrain import api, app, data
 from dtrain import world as w
 from dtrain.errors import BadInput, ConfigError
 from dtrain.gpt import GPT
@@ -104,3 +104,15 @@ def test_char_gpt_learns_well_below_the_unigram_perplexity(tmp_path):
                                f"out={tmp_path / 'gpt.onnx'}"], cwd=tmp_path, env=CHILD_ENV, capture_output=True,
                               text=True, timeout=300)
     assert exported.returncode == 0 and "onnxruntime output within" in exported.stdout, exported.stderr[-3000:]
+
+
+def test_evaluating_on_a_text_of_other_characters_is_one_line_not_a_wrong_perplexity(tmp_path, quiet_logs):
+    (tmp_path / "a.txt").write_text("abcab " * 400)
+    (tmp_path / "b.txt").write_text("xyzzy " * 400)
+    api.train("model=gpt", "data=text", f"data.path={tmp_path / 'a.txt'}", "data.block_size=8",
+                     "model.n_layer=1", "model.n_embd=16", "trainer.max_steps=2", "logger.plots=false",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    ckpt = tmp_path / "run" / "checkpoints" / "latest"
+    assert dtrain.evaluate(ckpt, data={"path": str(tmp_path / "a.txt")})["samples"] > 0
+    with pytest.raises(BadInput, match=r"data=text: its classes \(' ', 'x', 'y', 'z'\) are not those the checkpoint"):
+        dtrain.evaluate(ckpt, data={"path": str(tmp_path / "b.txt")})

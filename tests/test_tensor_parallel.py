@@ -87,6 +87,8 @@ def test_the_gpts_own_plan_splits_attention_and_mlp_and_a_user_plan_names_module
     ([{"module": "blocks.*.fc", "style": "colwise"}], 2,
      "dist.tp_plan[0].module='blocks.*.fc' matches no module of GPT"),
     ([{"module": "h.0.mlp.fc", "style": "diagonal"}], 2, "dist.tp_plan[0].style='diagonal' is not allowed"),
+    ([{"module": "h.0.ln_1", "style": "sequence"}], 2,
+     "dist.tp_plan[0].style='sequence' is not allowed: choose one of colwise, rowwise"),  # not built yet
     ([{"module": "lm_head"}], 2, "dist.tp_plan[0]={'module': 'lm_head'} is not allowed"),
     ([{"module": "h.0.mlp.fc", "style": "colwise"}], 3,
      "dist.tp_plan: h.0.mlp.fc has 128 output features, which do not divide by dist.tp=3"),
@@ -199,3 +201,49 @@ def test_accumulation_activation_checkpointing_bf16_and_async_saves_work_on_the_
                    "checkpoint.every_n_steps=3", nproc=2, timeout=300)
     assert fast.code == 0 and fast.summary["precision"] == "bf16", fast
     assert {p.name for p in (fast.dir / "checkpoints").glob("step-*")} == {"step-00000003", "step-00000006"}
+
+
+class Sums:  # the running sums a RankState carries (dtrain.tasks.Sums' reset/value)
+    def __init__(self):
+        self.now = torch.zeros(2)
+
+    def reset(self, value=None):
+        self.now = torch.zeros(2) if value is None else value.clone()
+
+    def value(self):
+        return self.now
+
+
+def saved_ranks(world_size: int, dp_size: int) -> dict:
+    """A RankState as `world_size` ranks of dp groups of world_size // dp_size would save it: each rank its
+    own random state (seeded by its global rank here, to tell them apart) and sums (its dp rank's)."""
+    from dtrain.checkpoint import rng_state
+    ranks = []
+    for r in range(world_size):
+        torch.manual_seed(100 + r)
+        ranks.append({"rng": rng_state(), "epoch_sums": torch.tensor([float(r // (world_size // dp_size)), 1.0])})
+    return {"world_size": world_size, "dp_size": dp_size, "ranks": ranks}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("rank,world,dp,expected_seed", [(1, 2, w.DataParallel(1, 2), 102),  # 2x2 -> 2x1
+                                                         (3, 4, w.DataParallel(1, 2), 102)])  # 2x2 -> 2x2
+def test_each_data_parallel_rank_continues_its_groups_random_state_whatever_tp_was(rank, world, dp, expected_seed):
+    from dtrain.stateful import Progress, RankState
+    torch.manual_seed(expected_seed)
+    expected = torch.rand(3)
+    state = RankState(w.World(rank=rank, world_size=world), 0, Progress(), Sums(), dp=dp)
+    state.load_state_dict(saved_ranks(4, 2))  # saved at 2x2: dp rank 1 is global ranks 2 and 3
+    assert torch.equal(torch.rand(3), expected) and state.sums.now.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.unit
+def test_on_another_data_parallel_size_each_groups_sums_count_once_and_tp_ranks_share_a_seed():
+    from dtrain.stateful import Progress, RankState
+    draws = []
+    for rank in (0, 1):  # one process's view each: a 2x2 checkpoint on 2 ranks of pure tp (dp=1)
+        state = RankState(w.World(rank=rank, world_size=2), 0, Progress(), Sums(), dp=w.DataParallel(0, 1))
+        state.load_state_dict(saved_ranks(4, 2))
+        draws.append(torch.rand(3))
+        assert state.sums.now.tolist() == [1.0, 2.0]  # dp ranks 0 and 1 of the saved run, each once
+    assert torch.equal(draws[0], draws[1])  # the tp ranks of one group draw the same dropout noise

@@ -2,10 +2,11 @@
 
 A plan maps modules (globs over `named_modules()` names) to a style: `colwise` splits a Linear's output
 features across the tp ranks (each keeps its slice of the outputs), `rowwise` splits its input features
-(the partial outputs are summed, so the output is whole again), `sequence` runs a norm on a slice of the
-sequence. A model may carry its own plan (`tp_plan(tp)`, as model=gpt does: attention's q/k/v column-wise
-and its output projection row-wise, the MLP's fc column-wise and proj row-wise); `dist.tp_plan` gives one
-for any model. Widths that do not divide by tp are refused, naming the layer, before the first step.
+(the partial outputs are summed, so the output is whole again). A model may carry its own plan
+(`tp_plan(tp)`, as model=gpt does: attention's q/k/v column-wise and its output projection row-wise, the
+MLP's fc column-wise and proj row-wise); `dist.tp_plan` gives one for any model. Widths that do not divide
+by tp are refused, naming the layer, before the first step. Sequence parallelism (norms on a slice of the
+sequence) needs the layers around them to hand over sequence-sharded activations: not built yet.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from dtrain.errors import ConfigError
 
-STYLES = ("colwise", "rowwise", "sequence")
+STYLES = ("colwise", "rowwise")
 
 
 def plan_of(model: nn.Module, entries: Iterable[Any] | None, tp: int) -> dict[str, str]:
@@ -27,7 +28,7 @@ def plan_of(model: nn.Module, entries: Iterable[Any] | None, tp: int) -> dict[st
     if entries is None:
         if not callable(getattr(model, "tp_plan", None)):
             raise ConfigError(f"dist.tp={tp}: {type(model).__name__} has no tensor-parallel plan of its own; give "
-                              "dist.tp_plan=[{module: GLOB, style: colwise|rowwise|sequence}, ...]")
+                              "dist.tp_plan=[{module: GLOB, style: colwise|rowwise}, ...]")
         entries = [{"module": glob, "style": style} for glob, style in model.tp_plan(tp).items()]
     names = [name for name, _ in model.named_modules() if name]
     plan: dict[str, str] = {}
@@ -55,8 +56,6 @@ def _entry(i: int, entry: Any) -> tuple[str, str]:
 
 
 def _check_width(name: str, module: nn.Module, style: str, tp: int) -> None:
-    if style == "sequence":
-        return
     if not isinstance(module, nn.Linear):
         raise ConfigError(f"dist.tp_plan: {name} is a {type(module).__name__}; the {style} style splits an "
                           "nn.Linear")
@@ -68,9 +67,8 @@ def _check_width(name: str, module: nn.Module, style: str, tp: int) -> None:
 
 def apply(model: nn.Module, mesh: Any, plan: Mapping[str, str]) -> None:
     """Replace each planned module's parameters by DTensors sharded over `mesh` (the tp dimension)."""
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
-                                                   parallelize_module)
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "sequence": SequenceParallel}
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     parallelize_module(model, mesh, {name: styles[style]() for name, style in plan.items()})
 
 
