@@ -24,6 +24,7 @@ def test_the_default_job_trains_the_mlp_on_the_mnist_sample_to_94_percent(tmp_pa
     assert "summary:" in (run.dir / "rank0.log").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_ranks_agrees_on_one_timestamped_run_folder(tmp_path):
     # The real default run folder (runs/<name>/<launch time>), created relative to the working dir.
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

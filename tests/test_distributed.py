@@ -40,6 +40,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     assert two.summary["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_accumulation_skips_the_all_reduce_on_micro_steps_and_matches_the_large_batch(tmp_path):
     common = (*SMALL, "trainer.max_steps=5")
     big = run_cli(tmp_path / "big", *common, "data.batch_size=64")
@@ -52,6 +53,7 @@ def test_accumulation_skips_the_all_reduce_on_micro_steps_and_matches_the_large_
     assert_same_weights(final_state(big), final_state(acc))
 
 
+@pytest.mark.slow
 def test_two_ranks_stop_early_together_and_count_f1_and_auc_over_uneven_shards_like_one_rank(tmp_path):
     # 1,010 samples: 101 validation samples, 51 on rank 0 and 50 on rank 1. No validation after the first
     # can beat it by min_delta, so with patience 1 both runs stop after epoch 2 of 6.
@@ -86,6 +88,7 @@ CNN = ("model=convnet", "data=synthetic", "data.shape=[3,16,16]", "data.num_samp
        "data.eval_batch_size=64", "optim=sgd", "trainer.max_steps=6", "seed=1")
 
 
+@pytest.mark.slow
 def test_batchnorm_buffers_are_the_same_on_every_rank_when_training_ends(tmp_path):
     run = run_cli(tmp_path / "run", *CNN, nproc=2, target=(FAULTS,), env={"DTRAIN_DUMP_STATE": "1"})
     assert run.code == 0, run

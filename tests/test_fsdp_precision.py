@@ -11,7 +11,8 @@ BF16 = ("dist.strategy=fsdp", "trainer.precision=bf16", "data.batch_size=32", "d
         "trainer.epochs=1", "trainer.max_steps=3", "debug.limit_batches=3", "logger.plots=false", "dist.timeout_s=60")
 
 
-@pytest.mark.parametrize("model", ["convnet", pytest.param("resnet18", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["convnet", "resnet18"])
 def test_a_model_with_batch_norm_trains_sharded_in_bf16(tmp_path, model):
     run = run_cli(tmp_path / "run", f"model={model}", *BF16, nproc=2, timeout=300)
     assert run.code == 0, run

@@ -90,6 +90,7 @@ def tensorboard_hparams(folder: Path) -> dict:
 
 # -- under torchrun: one set of shared files, a log per rank -----------------------------------------
 
+@pytest.mark.slow
 def test_two_ranks_write_one_set_of_shared_files_one_wandb_run_and_a_log_and_trace_each(tmp_path):
     run = run_cli(tmp_path / "run", "logger=all", "trainer.epochs=2", "trainer.profile=true",
                   "trainer.log_every_n_steps=20", nproc=2, env=WANDB_OFFLINE)
