@@ -127,6 +127,21 @@ class Task:
         return [{"input": n, "prediction": row.tolist()} for n, row in zip(names, out)]
 
 
+class ClassScores(Task):
+    """A task whose outputs score classes along dimension 1 (classification, segmentation): a model is offered
+    `num_classes`, a checkpoint records the class names (the indices where none are given), a prediction is
+    the softmax over the classes."""
+
+    def offers(self, outputs: int) -> dict[str, Any]:
+        return {"num_classes": outputs}
+
+    def class_names(self, names: Optional[list[str]], outputs: int) -> Optional[list[str]]:
+        return names or [str(i) for i in range(outputs)]
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        return out.softmax(1)
+
+
 class EpochSums:
     """A rank's running [loss sum, units, *extras] for an epoch, kept without host syncs and with few
     device ops per step. Each batch's mean loss is held as it comes; its outputs and targets too, while

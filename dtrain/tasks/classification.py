@@ -14,10 +14,10 @@ from torch import nn
 
 from dtrain import world as w
 from dtrain.errors import ConfigError, DataError
-from dtrain.tasks.base import Evaluator, Task
+from dtrain.tasks.base import ClassScores, Evaluator
 
 
-class Classification(Task):
+class Classification(ClassScores):
     name = "classification"
     extras = ("acc",)
     evaluated = ("f1", "auc")
@@ -87,16 +87,7 @@ class Classification(Task):
         code = {c: i for i, c in enumerate(classes)}
         return torch.tensor([code[v] for v in labels]), len(classes), classes
 
-    def offers(self, outputs: int) -> dict[str, Any]:
-        return {"num_classes": outputs}
-
-    def class_names(self, names: Optional[list[str]], outputs: int) -> Optional[list[str]]:
-        return names or [str(i) for i in range(outputs)]
-
     # -- a trained model ---------------------------------------------------------------------------------
-
-    def predict(self, out: torch.Tensor) -> torch.Tensor:
-        return out.softmax(1)
 
     def prediction_rows(self, names: list[str], out: torch.Tensor, classes: Optional[list[str]],
                         topk: int) -> list[dict]:

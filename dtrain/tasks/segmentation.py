@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from dtrain import world as w
 from dtrain.errors import ConfigError, DataError
-from dtrain.tasks.base import Evaluator, Task
+from dtrain.tasks.base import ClassScores, Evaluator
 from dtrain.tasks.classification import is_integer
 
 IGNORE = -100
 
 
-class Segmentation(Task):
+class Segmentation(ClassScores):
     name = "segmentation"
     extras = ("acc",)
     evaluated = ("miou",)
@@ -72,15 +72,6 @@ class Segmentation(Task):
         if labels.numel() == 0 or labels.min() < 0:
             raise ConfigError("data: the pixels' classes must be integers 0..C-1 (or -100, ignored)")
         return None, int(labels.max()) + 1
-
-    def offers(self, outputs: int) -> dict[str, Any]:
-        return {"num_classes": outputs}
-
-    def class_names(self, names: Optional[list[str]], outputs: int) -> Optional[list[str]]:
-        return names or [str(i) for i in range(outputs)]
-
-    def predict(self, out: torch.Tensor) -> torch.Tensor:
-        return out.softmax(1)
 
     def prediction_rows(self, names: list[str], out: torch.Tensor, classes: Optional[list[str]],
                         topk: int) -> list[dict]:
