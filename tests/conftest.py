@@ -200,3 +200,17 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 20, 
         for i in range(per_class):
             Image.new("RGB", size, (i * 10 % 256, 80 + 120 * c, 50)).save(folder / f"{i}.png")
     return root
+
+
+def crash_after_step(monkeypatch, step: int):
+    """Make the trainer raise right after optimizer step `step`; returns what undoes it."""
+    from dtrain import trainer as trainer_mod
+    original = trainer_mod.Trainer.optimizer_step
+
+    def crashing(self):
+        original(self)
+        if self.progress.step == step:
+            raise RuntimeError("crash")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crashing)
+    return lambda: monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)

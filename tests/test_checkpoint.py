@@ -17,11 +17,10 @@ import torch
 from dtrain import checkpoint as ckpt
 from dtrain import optim
 from dtrain import stopping
-from dtrain import trainer as trainer_mod
 from dtrain.errors import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
 from dtrain.errors import Preempted
-from conftest import (CHILD_ENV, FAULTS, Run, assert_same_weights, final_state, make_trainer, params,
-                      run_cli)
+from conftest import (CHILD_ENV, FAULTS, Run, assert_same_weights, crash_after_step, final_state, make_trainer,
+                      params, run_cli)
 
 SMALL = ("model=mlp3", "data=synthetic", "data.shape=[1,12,12]", "data.num_samples=1001",
          "data.batch_size=32", "data.eval_batch_size=64", "optim=adam", "sched=cosine", "trainer.epochs=3",
@@ -32,19 +31,6 @@ STEPS = 3 * (801 // 32)  # 75 optimizer steps
 def without_timing(metrics: list[dict]) -> list[dict]:
     from dtrain.perf import TIMINGS
     return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
-
-
-def crash_after_step(monkeypatch, step: int):
-    """Make the trainer raise right after optimizer step `step`; returns what undoes it."""
-    original = trainer_mod.Trainer.optimizer_step
-
-    def crashing(self):
-        original(self)
-        if self.progress.step == step:
-            raise RuntimeError("crash")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crashing)
-    return lambda: monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
 
 
 def checkpoint_files(run_dir: Path) -> list[str]:

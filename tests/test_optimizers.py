@@ -5,10 +5,9 @@ own by `_target_`; each contract broken in one line."""
 import pytest
 import torch
 
-from conftest import make_config, make_trainer, run_cli
+from conftest import crash_after_step, make_config, make_trainer, run_cli
 from dtrain import checkpoint as ckpt
 from dtrain import optim
-from dtrain import trainer as trainer_mod
 from dtrain.errors import ConfigError
 
 JOB = ("model=mlp3", "data=synthetic", "data.num_samples=256", "data.shape=[1,8,8]", "data.batch_size=32",
@@ -53,16 +52,10 @@ def test_a_run_with_parameter_groups_resumes_exactly(tmp_path, quiet_logs, monke
            "sched=cosine", 'optim.param_groups=[{params: "fc1.*", lr: 1e-4, weight_decay: 0.0}]')
     reference = make_trainer(tmp_path / "reference", *job)
     reference.fit()
-    original = trainer_mod.Trainer.optimizer_step
-
-    def crashing(self):
-        original(self)
-        if self.progress.step == 7:
-            raise RuntimeError("crash")
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crashing)
+    restore = crash_after_step(monkeypatch, 7)
     with pytest.raises(RuntimeError, match="crash"):
         make_trainer(tmp_path / "run", *job).fit()
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
+    restore()
     resumed = make_trainer(tmp_path / "run", *job)
     resumed.fit()
     assert resumed.optimizer.param_groups[1]["weight_decay"] == 0.0

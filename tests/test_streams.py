@@ -6,8 +6,7 @@ import logging
 import pytest
 import torch
 
-from conftest import ROOT, make_trainer, run_cli
-from dtrain import trainer as trainer_mod
+from conftest import ROOT, crash_after_step, make_trainer, run_cli
 from dtrain.errors import ConfigError
 
 JOB = ("data._target_=stream_data.stream", "data.name=stream", "model._target_=stream_data.Noting", "model.name=noting",
@@ -28,16 +27,10 @@ def test_a_stream_with_two_workers_resumes_exactly_after_a_crash(tmp_path, quiet
     reference = make_trainer(tmp_path / "reference", *job)
     reference.fit()
     assert reference.progress.step == 2 * 26  # one pass of 203 items in batches of 8 (the last one short), twice
-    original = trainer_mod.Trainer.optimizer_step
-
-    def crashing(self):
-        original(self)
-        if self.progress.step == 33:  # mid-epoch 2; step 30 was saved
-            raise RuntimeError("crash")
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", crashing)
+    restore = crash_after_step(monkeypatch, 33)  # mid-epoch 2; step 30 was saved
     with pytest.raises(RuntimeError, match="crash"):
         make_trainer(tmp_path / "run", *job).fit()
-    monkeypatch.setattr(trainer_mod.Trainer, "optimizer_step", original)
+    restore()
     resumed = make_trainer(tmp_path / "run", *job)
     resumed.fit()
     assert resumed.progress.step == reference.progress.step
