@@ -1,5 +1,6 @@
 """The GPT workload (experiment=char_gpt) against the strongest hand-written loop, and on 4 ranks DDP, FSDP,
-2x2 (FSDP over dp=2, tensor parallel over tp=2) and tp=4 side by side.
+2x2 (FSDP over dp=2, tensor parallel over tp=2; also with sequence and loss parallelism) and tp=4 side by
+side.
 
     python benchmarks/parallel.py [--rounds 3] [--steps 60] [--device cpu|cuda] [--skip-ranks]
 
@@ -7,7 +8,8 @@ One process: `python -m dtrain experiment=char_gpt` and `--plain` (below: the sa
 windows of the same text preloaded as one token tensor on the device, batches by index_select, fused AdamW,
 the same clipping and cosine schedule, no host sync inside the timed steps), each its own process, the order
 alternating round by round; tokens/s of training time (dtrain's summary; the plain loop times its steps
-after 5 warm-up ones). Four ranks: tokens/s and what one rank holds (`state_bytes_per_rank`: parameters,
+after 5 warm-up ones). Four ranks: each round runs every layout once, starting one further along the list;
+tokens/s (median and range over the rounds) and what one rank holds (`state_bytes_per_rank`: parameters,
 gradients and optimizer state). On a GPU (`--device cuda`) the summary's MFU is printed too.
 """
 
@@ -115,16 +117,24 @@ def main() -> None:
         return
     rows = {"DDP": ("dist.strategy=ddp",), "FSDP (dp=4)": ("dist.strategy=fsdp",),
             "2x2 (FSDP dp=2, tp=2)": ("dist.strategy=fsdp", "dist.tp=2"),
+            "2x2, sequence and loss parallel": ("dist.strategy=fsdp", "dist.tp=2", "dist.sequence_parallel=true",
+                                                "dist.loss_parallel=true"),
             "tp=4 (dp=1)": ("dist.strategy=fsdp", "dist.tp=4")}
-    print("\n| 4 ranks | tokens/s | state bytes per rank | vs DDP |\n|---|---|---|---|")
-    base = None
-    for name, overrides in rows.items():
-        s = run_dtrain(args.steps, args.device, 4, *overrides)
-        held = s["state_bytes_per_rank"]["total"]
-        base = base or held
-        mfu = f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else ""
-        print(f"| {name} | {s['tokens_per_sec']:,.0f}{mfu} | {held:,} | {held / base:.2f}x |", flush=True)
-
+    speed: dict[str, list[float]] = {name: [] for name in rows}
+    held, mfu = {}, {}
+    for r in range(args.rounds):  # each round runs every layout, starting one further along the list
+        names = list(rows)[r % len(rows):] + list(rows)[:r % len(rows)]
+        for name in names:
+            s = run_dtrain(args.steps, args.device, 4, *rows[name])
+            speed[name].append(s["tokens_per_sec"])
+            held[name], mfu[name] = s["state_bytes_per_rank"]["total"], s.get("mfu")
+            print(f"round {r + 1}: {name} {s['tokens_per_sec']:,.0f} tokens/s", flush=True)
+    base = held["DDP"]
+    print(f"\n| 4 ranks | tokens/s, median (range) of {args.rounds} | state bytes per rank | vs DDP |")
+    print("|---|---|---|---|")
+    for name in rows:
+        extra = f", MFU {mfu[name]:.1%}" if mfu[name] is not None else ""
+        print(f"| {name} | {spread(speed[name])}{extra} | {held[name]:,} | {held[name] / base:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ from dtrain.validate import fail
 from dtrain.sinks import Context, MetricLogger
 from dtrain.rundir import RunDir
 from dtrain.steps import has_own_step
+from dtrain.strategy import tensor
 from dtrain.tasks import Task
 
 
@@ -94,6 +95,9 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
     task = tasks.get(splits.task)
     input_format = perf.memory_format(tc.channels_last, splits.shape)
     model, net = plan.setup(lambda: make_model(cfg, splits, given), input_format)
+    if cfg.dist.loss_parallel and (given.loss is not None or has_own_step(model)):
+        fail("dist.loss_parallel", True, "it computes the task's own cross-entropy on logits split over the "
+             "vocabulary; not with a loss of your own or a model's own training_step")
     perf.set_tf32(tc.tf32)
     if tc.compile:
         net = torch.compile(net)
@@ -161,6 +165,16 @@ def make_model(cfg: Config, splits: data.Splits, given: Objects) -> nn.Module:
     return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
 
+def check_tensor_plan(cfg: Config, world: w.World) -> None:
+    """What the tensor-parallel plan would refuse on every worker (a glob that matches nothing, a width or
+    head count that does not divide by dist.tp), refused once before any starts: the data set is opened for
+    its shapes and the model built on the meta device (no memory, no initialisation)."""
+    splits = data.build(cfg.data, world)
+    with torch.device("meta"):
+        model = make_model(cfg, splits, Objects())
+    tensor.plan_of(model, cfg.dist.tp_plan, cfg.dist.tp, cfg.dist.sequence_parallel, cfg.dist.loss_parallel)
+
+
 def schedule_length(cfg: Config, batches_per_epoch: Optional[int], endless: bool = False) -> tuple[float, float]:
     """Optimizer steps per epoch and in all (debug.limit_batches and trainer.max_steps shorten them). A stream's
     epoch (one pass) has no length known in advance (inf): trainer.max_steps, or its end, ends the run."""
@@ -199,7 +213,8 @@ def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, mon
     es = cfg.trainer.early_stopping
     own: dict[str, Any] = {
         "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher, cfg.trainer.epochs, optional),
-        "throughput": cb.Throughput(splits.shape, cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
+        "throughput": cb.Throughput(perf.example_input(splits.train, splits.shape),
+                                    cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
     if cfg.trainer.profile:
         own["profiler"] = cb.Profiler(run.track(run.path / "profile"))
     if cfg.logger.plots:

@@ -161,14 +161,14 @@ class Throughput(Callback):
     """FLOP/s from the model's FLOPs per sample (counted once, from one forward pass) and the loop's
     samples/s, and model FLOP utilisation where the GPU's peak is known."""
 
-    def __init__(self, shape: tuple[int, ...], precision_is_low: bool):
-        self.shape, self.low = shape, precision_is_low
+    def __init__(self, example: Optional[torch.Tensor], precision_is_low: bool):
+        self.example, self.low = example, precision_is_low  # one input, zeros (perf.example_input)
         self.flops_per_sample: Optional[int] = None
         self.peak: Optional[float] = None
 
     def on_fit_start(self, trainer) -> None:
         from dtrain import perf
-        self.flops_per_sample = perf.training_flops_per_sample(trainer.model, self.shape, trainer.world.device)
+        self.flops_per_sample = perf.training_flops_per_sample(trainer.model, self.example, trainer.world.device)
         self.peak = perf.peak_flops(trainer.world.device, self.low)
 
     def add(self, metrics: dict, world_size: int) -> None:

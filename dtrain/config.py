@@ -186,9 +186,15 @@ class DistConfig:
     # tensor parallelism (dist.strategy=fsdp): world/tp data-parallel groups of tp ranks on a 2-D mesh
     # ("dp", "tp"); FSDP2 shards over dp. 1: none
     tp: int = 1
-    # [{module: GLOB, style: colwise|rowwise}] over named_modules() names; None: the model's own
+    # [{module: GLOB, style: colwise|rowwise|sequence}] over named_modules() names; None: the model's own
     # tp_plan (model=gpt has one)
     tp_plan: Optional[list[Any]] = None
+    # with dist.tp > 1: norms and dropout on slices of the sequence (dim 1) instead of the whole of it on every
+    # tp rank (the model's own plan; in dist.tp_plan, the modules of style sequence)
+    sequence_parallel: bool = False
+    # with dist.tp > 1: the output head split over the vocabulary and the cross-entropy computed on the split
+    # logits, never gathered for the loss (the model's own plan, as model=gpt's)
+    loss_parallel: bool = False
     # DistributedDataParallel's options, with PyTorch's defaults
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from dtrain import batches
 from dtrain import world as w
 from dtrain.contracts import run_metric
+from dtrain.strategy.tensor import whole
 from dtrain.tasks import NamedSums, Task
 
 
@@ -72,7 +73,9 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, world: w.World,
         if not counted:  # this rank's shard is done, another's is not: the forward kept them in step
             continue
         out = out.float()  # loss and metrics in fp32 whatever the autocast dtype
-        sums += task.batch_sums(loss(out, y) if loss is not None else task.loss(out, y, 0.0), out, y)
+        value = whole(loss(out, y) if loss is not None else task.loss(out, y, 0.0))
+        out = whole(out)  # split logits (dist.loss_parallel) take the loss as they are, gathered for metrics
+        sums += task.batch_sums(value, out, y)
         extras.update(out, y)
         evaluator.update(out, y)
     model.train(was_training)

@@ -8,6 +8,7 @@ split heads and the hidden width across ranks (attention reads its head count of
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +68,41 @@ class GPT(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
-    def tp_plan(self, tp: int) -> dict[str, str]:
-        """Its tensor-parallel plan (dist.tp > 1): attention's q/k/v column-wise (each rank a slice of the heads)
-        and its output projection row-wise; the MLP's fc column-wise and proj row-wise (Megatron's split)."""
+    def tp_plan(self, tp: int, sequence_parallel: bool = False, loss_parallel: bool = False) -> dict[str, Any]:
+        """Its tensor-parallel plan (dist.tp > 1), Megatron's: attention's q/k/v column-wise (each rank a slice of
+        the heads) and its output projection row-wise; the MLP's fc column-wise and proj row-wise. With
+        `sequence_parallel` (torchtitan's layout) the activations between those pairs are split along the
+        sequence: the embeddings hand over slices of it, the norms and dropout work on them, each pair gathers
+        them on entry and its row-wise layer reduce-scatters them on exit. With `loss_parallel` the head is split
+        over the vocabulary and gives split logits, which the cross-entropy takes as they are. A head tied to
+        the token embedding is split alike (both by vocabulary rows)."""
         n_head = self.h[0].attn.q.out_features // self.h[0].attn.head_dim if len(self.h) else tp
         if n_head % tp:
             from dtrain.errors import ConfigError
             raise ConfigError(f"dist.tp={tp}: model.n_head={n_head} heads do not split evenly over {tp} ranks; choose "
                               "a tp that divides the head count")
-        return {"h.*.attn.q": "colwise", "h.*.attn.k": "colwise", "h.*.attn.v": "colwise", "h.*.attn.proj": "rowwise",
-                "h.*.mlp.fc": "colwise", "h.*.mlp.proj": "rowwise"}
+        plan: dict[str, Any] = {"h.*.attn.q": "colwise", "h.*.attn.k": "colwise", "h.*.attn.v": "colwise",
+                                "h.*.attn.proj": "rowwise", "h.*.mlp.fc": "colwise", "h.*.mlp.proj": "rowwise"}
+        if not (sequence_parallel or loss_parallel):
+            return plan
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                       SequenceParallel)
+        stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream between the pairs
+        plan.update({"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+                     "lm_head": ColwiseParallel(input_layouts=stream,
+                                                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                                use_local_output=not loss_parallel)})
+        if sequence_parallel:
+            gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                        use_local_output=True)
+            on_slices = SequenceParallel(use_local_output=True)
+            plan.update({"wpe": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
+                         "drop": on_slices, "ln_f": on_slices, "h.*.ln_1": on_slices, "h.*.ln_2": on_slices,
+                         "h.*.attn": gather, "h.*.mlp": gather,
+                         "h.*.attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+                         "h.*.mlp.proj": RowwiseParallel(output_layouts=Shard(1))})
+        return plan
 
     @staticmethod
     def _init(module: nn.Module) -> None:

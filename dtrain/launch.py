@@ -209,7 +209,11 @@ def check(cfg: Config, p: Plan) -> None:
     if cuda and p.nproc_per_node > max(torch.cuda.device_count(), 1):
         raise ConfigError(f"launcher.nproc_per_node={p.nproc_per_node} but this node has "
                           f"{torch.cuda.device_count()} CUDA device(s); launch at most one process per GPU")
-    validate.check_world(cfg, w.World(world_size=p.world_size, device=torch.device("cuda" if cuda else "cpu")))
+    world = w.World(world_size=p.world_size, device=torch.device("cuda" if cuda else "cpu"))
+    validate.check_world(cfg, world)
+    if cfg.dist.tp > 1:
+        from dtrain import build
+        build.check_tensor_plan(cfg, world)
     if p.world_size > 1:
         check_rendezvous(p, cfg.dist.timeout_s)
 

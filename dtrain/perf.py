@@ -4,7 +4,7 @@ activation checkpointing."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -31,22 +31,43 @@ PEAK_FLOPS = {
 
 
 @torch.no_grad()
-def training_flops_per_sample(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> Optional[int]:
-    """FLOPs to train on one sample: a counted forward pass times 3 (the backward pass costs about two
-    forwards). Counted in eval mode so BatchNorm's running statistics are untouched; None if an operator
-    cannot be counted."""
+def training_flops_per_sample(model: nn.Module, example: Optional[torch.Tensor], device: torch.device) -> Optional[int]:
+    """FLOPs to train on one sample: a counted forward pass of `example` (one input, batch of 1) times 3 (the
+    backward pass costs about two forwards). Counted in eval mode so BatchNorm's running statistics are
+    untouched; None without an example or if an operator cannot be counted. Under tensor parallelism the
+    counter sees the whole (DTensor) shapes: the FLOPs of the whole model, whichever ranks share them."""
     from torch.utils.flop_counter import FlopCounterMode
+    if example is None:
+        return None
     was_training = model.training
     model.eval()
     try:
         counter = FlopCounterMode(display=False)
         with counter:
-            model(torch.zeros(1, *shape, device=device))
+            model(example.to(device))
         return 3 * counter.get_total_flops() or None
     except Exception:
         return None
     finally:
         model.train(was_training)
+
+
+def example_input(dataset: Any, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """Zeros shaped and typed as one input of `dataset`, batch of 1, to count FLOPs with (token ids stay
+    integers): its first sample is read with every random state put back (an augmentation draws); a stream's
+    is not read (float zeros of `shape`); an input that is not one tensor (a dict) gives None."""
+    from dtrain import batches
+    from dtrain.checkpoint import rng_state, set_rng_state
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return torch.zeros(1, *shape)
+    state = rng_state()
+    try:
+        x = batches.pair(dataset[0])[0]
+    except Exception:  # counting FLOPs never stops a run: the run's own first batch reports what is wrong
+        return None
+    finally:
+        set_rng_state(state)
+    return torch.zeros(1, *x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else None
 
 
 def peak_flops(device: torch.device, low_precision: bool) -> Optional[float]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from dtrain import batches, contracts
 from dtrain.errors import ContractError
+from dtrain.strategy.tensor import whole
 from dtrain.tasks import EpochSums, NamedSums, Task
 
 
@@ -45,9 +46,10 @@ class TaskStep:
         out = batches.call(self.call, x)
         if not self.checked:  # the first batch: what the model, loss and metrics give fits the task
             contracts.check_outputs(self.model, out, y, self.task.check, self.classes)
-            contracts.check_metrics(self.metrics, out, y)
-        loss = self.loss(out.float(), y)
+        loss = whole(self.loss(out.float(), y))  # split logits (dist.loss_parallel) take the loss as they are,
+        out = whole(out.detach())  # and are gathered for the metrics
         if not self.checked:
+            contracts.check_metrics(self.metrics, out, y)
             contracts.check_loss(loss, self.loss, self.custom_loss)
             self.checked = True
         return loss, (out, y)

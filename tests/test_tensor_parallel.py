@@ -2,6 +2,7 @@
 groups of tp ranks; the GPT's own plan and a user's dist.tp_plan train to the same weights as FSDP alone;
 a 2-D checkpoint resumes bit-identically and continues at other shapes; impossible plans are one line."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 import dtrain
 from conftest import CHILD_ENV, FAULTS, ROOT, Live, assert_same_weights, run_cli
-from dtrain import app
+from dtrain import app, perf
 from dtrain import world as w
 from dtrain.errors import ConfigError
 from dtrain.gpt import GPT
@@ -28,18 +29,19 @@ from torch import nn
 
 
 class Wide(nn.Module):
-    """A user's model: an embedding of the input, a block whose w1 and w2 a dist.tp_plan splits, a head."""
+    """A user's sequence model: an embedding of each position, a norm (style sequence in the plan), a block
+    whose w1 and w2 a dist.tp_plan splits, the positions' mean, a head."""
 
     def __init__(self, input_shape, num_classes, width=16, hidden=64):
         super().__init__()
-        self.inp = nn.Linear(input_shape[0], width)
+        self.inp, self.norm = nn.Linear(input_shape[-1], width), nn.LayerNorm(width)
         self.block = nn.ModuleDict({"w1": nn.Linear(width, hidden), "w2": nn.Linear(hidden, width)})
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x):
-        h = self.inp(x)
+        h = self.norm(self.inp(x))
         h = h + self.block["w2"](torch.relu(self.block["w1"](h)))
-        return self.head(h)
+        return self.head(h.mean(1))
 '''
 
 
@@ -54,11 +56,15 @@ def my_project(tmp_path):
     return tmp_path
 
 
-def wide_run(my_project, *overrides):
-    return ("--config-dir", str(my_project / "conf"), "model=wide", "data=synthetic", "data.shape=[12]",
+PAIR = "{module: block.w1, style: colwise},{module: block.w2, style: rowwise}"
+NORM = "{module: norm, style: sequence}"
+
+
+def wide_run(my_project, *overrides, plan=f"[{PAIR}]"):
+    return ("--config-dir", str(my_project / "conf"), "model=wide", "data=synthetic", "data.shape=[8,12]",
             "data.num_samples=1200", "data.batch_size=32", "optim=adamw", "trainer.grad_clip=0.5",
             "dist.strategy=fsdp", "trainer.device=cpu", "logger.plots=false",
-            "dist.tp_plan=[{module: block.w1, style: colwise},{module: block.w2, style: rowwise}]", *overrides)
+            f"dist.tp_plan={plan}", *overrides)
 
 
 def weights(run_dir) -> dict:
@@ -88,7 +94,7 @@ def test_the_gpts_own_plan_splits_attention_and_mlp_and_a_user_plan_names_module
      "dist.tp_plan[0].module='blocks.*.fc' matches no module of GPT"),
     ([{"module": "h.0.mlp.fc", "style": "diagonal"}], 2, "dist.tp_plan[0].style='diagonal' is not allowed"),
     ([{"module": "h.0.ln_1", "style": "sequence"}], 2,
-     "dist.tp_plan[0].style='sequence' is not allowed: choose one of colwise, rowwise"),  # not built yet
+     "dist.sequence_parallel=true needs dist.tp_plan entries of style sequence"),  # the flag is not set
     ([{"module": "lm_head"}], 2, "dist.tp_plan[0]={'module': 'lm_head'} is not allowed"),
     ([{"module": "h.0.mlp.fc", "style": "colwise"}], 3,
      "dist.tp_plan: h.0.mlp.fc has 128 output features, which do not divide by dist.tp=3"),
@@ -97,6 +103,51 @@ def test_an_impossible_plan_is_one_line_naming_the_layer_and_sizes(plan, tp, mes
     model = GPT(vocab_size=10, block_size=8, n_layer=2, n_head=4, n_embd=32)
     with pytest.raises(ConfigError) as refused:
         tensor.plan_of(model, plan, tp)
+    assert str(refused.value).startswith(message), refused.value
+
+
+@pytest.mark.unit
+def test_with_sequence_and_loss_parallelism_the_gpts_plan_splits_the_stream_by_position_and_the_head_by_token():
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+    model = GPT(vocab_size=65, block_size=8, n_layer=2, n_head=4, n_embd=32)
+    plan = tensor.plan_of(model, None, 2, sequence_parallel=True, loss_parallel=True)
+    assert isinstance(plan["wte"], RowwiseParallel) and plan["wte"].output_layouts == (Shard(1),)
+    assert isinstance(plan["wpe"], RowwiseParallel) and plan["wpe"].output_layouts == (Shard(0),)  # positions
+    assert all(isinstance(plan[m], SequenceParallel) for m in ("drop", "ln_f", "h.0.ln_1", "h.1.ln_2"))
+    assert all(isinstance(plan[m], PrepareModuleInput) for m in ("h.0.attn", "h.1.mlp"))  # gathered on entry
+    assert plan["h.0.attn.proj"].output_layouts == (Shard(1),) and plan["h.1.attn.q"] == "colwise"
+    head = plan["lm_head"]  # split logits, handed to the cross-entropy as they are (65: uneven is fine here)
+    assert isinstance(head, ColwiseParallel) and head.output_layouts == (Shard(-1),) and not head.use_local_output
+    loss_only = tensor.plan_of(model, None, 2, loss_parallel=True)
+    assert "ln_f" not in loss_only and loss_only["wte"].output_layouts != (Shard(1),)
+    mine = tensor.plan_of(model, [{"module": "h.*.ln_?", "style": "sequence"}], 2, sequence_parallel=True)
+    assert mine == {f"h.{i}.ln_{j}": "sequence" for i in (0, 1) for j in (1, 2)}
+
+
+class OldPlan(torch.nn.Module):
+    """A model whose own plan predates sequence and loss parallelism."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def tp_plan(self, tp):
+        return {"fc": "colwise"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model,plan,flags,message", [
+    (OldPlan(), None, (True, False), "dist.sequence_parallel=true but OldPlan.tp_plan takes no sequence_parallel"),
+    (OldPlan(), None, (False, True), "dist.loss_parallel=true but OldPlan.tp_plan takes no loss_parallel argument"),
+    (OldPlan(), [{"module": "fc", "style": "colwise"}], (False, True),
+     "dist.loss_parallel=true splits the model's output head, which only the model's own tp_plan knows"),
+    (OldPlan(), [{"module": "fc", "style": "colwise"}], (True, False),
+     "dist.sequence_parallel=true needs dist.tp_plan entries of style sequence"),
+])
+def test_sequence_and_loss_parallelism_need_a_plan_that_lays_the_model_out_for_them(model, plan, flags, message):
+    with pytest.raises(ConfigError) as refused:
+        tensor.plan_of(model, plan, 2, *flags)
     assert str(refused.value).startswith(message), refused.value
 
 
@@ -114,6 +165,11 @@ def test_a_model_without_a_plan_needs_dist_tp_plan():
      "data.batch_size=33 is not allowed: the global batch must divide evenly by the world size 4 (2 data-parallel"),
     (("dist.strategy=fsdp", "dist.tp_plan=[{module: x, style: colwise}]"), 2, "dist.tp_plan=[{'module': 'x'"),
     (("dist.strategy=fsdp", "dist.tp=2", "dist.fsdp.meta_init=true"), 4, "dist.fsdp.meta_init=True is not allowed"),
+    (("dist.strategy=fsdp", "dist.sequence_parallel=true"), 2, "dist.sequence_parallel=True is not allowed: it splits"),
+    (("dist.strategy=fsdp", "dist.tp=2", "dist.loss_parallel=true", "trainer.label_smoothing=0.1"), 4,
+     "dist.loss_parallel=True is not allowed: it computes the task's own cross-entropy on logits split"),
+    (("dist.strategy=fsdp", "dist.tp=2", "dist.loss_parallel=true", "+loss._target_=torch.nn.CrossEntropyLoss"), 4,
+     "dist.loss_parallel=True is not allowed: it computes the task's own cross-entropy on logits split"),
 ])
 def test_a_world_that_cannot_be_laid_out_is_one_line(overrides, world_size, message):
     with pytest.raises(ConfigError) as refused:
@@ -130,7 +186,39 @@ def test_the_launcher_refuses_tp_that_does_not_divide_its_ranks_before_any_worke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (("model.n_head=3", "model.n_embd=48"), "dtrain: error: dist.tp=2: model.n_head=3 heads do not split evenly"),
+    (("dist.tp_plan=[{module: blocks.*, style: colwise}]",), "dtrain: error: dist.tp_plan[0].module='blocks.*' "
+     "matches no module of GPT"),
+])
+def test_the_launcher_refuses_an_impossible_plan_before_any_worker_starts(tmp_path, overrides, message):
+    proc = subprocess.run([sys.executable, "-m", "dtrain.launch", "launcher.nproc_per_node=2", *GPT_RUN, "dist.tp=2",
+                           *overrides], cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder: no worker started
+
+
 # -- on a mesh ------------------------------------------------------------------------------------------
+
+def test_sequence_and_loss_parallelism_match_the_unsharded_forward_and_backward(tmp_path):
+    """tests/tp_forward.py, on 2 ranks: the GPT with either or both (its vocabulary of 65 split unevenly) and a
+    user's plan with a `sequence` norm give the unsharded model's logits, loss and gradients."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "tp_forward.py"), str(tmp_path / "out.json")], cwd=ROOT,
+                          env=CHILD_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads((tmp_path / "out.json").read_text())
+    for layout in ("sequence", "loss", "both", "tp_plan_sequence"):
+        got = found[layout]
+        assert max(got["logits"], got["loss"], got["grads"]) < 1e-5 and got["same_parameters"], (layout, got)
+    assert found["loss"]["split_logits"] and found["both"]["split_logits"] and not found["sequence"]["split_logits"]
+    assert found["both"]["tied"]  # the head tied to the embedding stays one parameter, split alike
+    assert found["tie_refused"].startswith("dist.tp_plan: wte.weight and lm_head.weight are one (tied) parameter, "
+                                           "which the plan splits differently (whole and (Shard(dim=0),))")
+    assert found["length_refused"].startswith("dist.sequence_parallel=true splits dimension 1 of the input (the "
+                                              "sequence) over dist.tp=2 ranks, but a batch has shape [4, 15]")
+
+
 
 def test_a_2x2_mesh_trains_the_gpt_reports_perplexity_and_its_checkpoint_reads_in_one_process(tmp_path):
     run = run_cli(tmp_path / "run", *GPT_RUN, "dist.tp=2", "trainer.max_steps=4", nproc=4, timeout=300)
@@ -138,16 +226,24 @@ def test_a_2x2_mesh_trains_the_gpt_reports_perplexity_and_its_checkpoint_reads_i
     assert run.summary["world_size"] == 4 and run.summary["tokens_per_sec"] > 0 and "val_perplexity" in run.summary
     state = weights(run.dir)
     assert state["h.0.attn.q.weight"].shape == (64, 64)  # whole again: plain names and shapes
+    # FLOPs (MFU's numerator on a GPU) are the whole model's per sample, as one process counts them
+    whole_model = dtrain.load_model(run.dir / "checkpoints" / "latest").net
+    per_sample = perf.training_flops_per_sample(whole_model, torch.zeros(1, 64, dtype=torch.long), torch.device("cpu"))
+    assert run.summary["flops_per_sec"] / run.summary["samples_per_sec"] == pytest.approx(per_sample, rel=1e-9)
     assert dtrain.evaluate(run.dir / "checkpoints" / "latest")["perplexity"] == \
         pytest.approx(run.summary["val_perplexity"], rel=1e-5)
 
 
 @pytest.mark.slow
-def test_the_gpt_on_2x2_reaches_fsdp_over_4s_weights_after_30_steps(tmp_path):
+def test_the_gpt_on_2x2_with_and_without_sequence_and_loss_parallelism_reaches_fsdp_over_4s_weights(tmp_path):
     fsdp = run_cli(tmp_path / "fsdp", *GPT_RUN, "trainer.max_steps=30", nproc=4, timeout=600)
     mesh = run_cli(tmp_path / "mesh", *GPT_RUN, "dist.tp=2", "trainer.max_steps=30", nproc=4, timeout=600)
-    assert fsdp.code == 0 and mesh.code == 0, (fsdp, mesh)
+    both = run_cli(tmp_path / "both", *GPT_RUN, "dist.tp=2", "dist.sequence_parallel=true", "dist.loss_parallel=true",
+                   "trainer.max_steps=30", nproc=4, timeout=600)
+    assert fsdp.code == 0 and mesh.code == 0 and both.code == 0, (fsdp, mesh, both)
     assert_same_weights(weights(fsdp.dir), weights(mesh.dir), rtol=0, atol=1e-4)
+    assert_same_weights(weights(fsdp.dir), weights(both.dir), rtol=0, atol=1e-4)
+    assert both.summary["val_perplexity"] == pytest.approx(fsdp.summary["val_perplexity"], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -155,8 +251,9 @@ def test_a_user_model_with_a_tp_plan_on_2x2_reaches_fsdp_over_4s_weights(tmp_pat
     env = {"PYTHONPATH": str(my_project / "pkg")}
     plain = run_cli(tmp_path / "plain", *wide_run(my_project, "trainer.max_steps=30", "dist.tp_plan=null"),
                     nproc=4, timeout=600, env=env)
-    mesh = run_cli(tmp_path / "mesh", *wide_run(my_project, "trainer.max_steps=30", "dist.tp=2"), nproc=4,
-                   timeout=600, env=env)
+    mesh = run_cli(tmp_path / "mesh", *wide_run(my_project, "trainer.max_steps=30", "dist.tp=2",
+                                                "dist.sequence_parallel=true", plan=f"[{NORM},{PAIR}]"),
+                   nproc=4, timeout=600, env=env)
     assert plain.code == 0 and mesh.code == 0, (plain, mesh)
     monkeypatch.syspath_prepend(str(my_project / "pkg"))  # load_model rebuilds the user's model here
     assert_same_weights(weights(plain.dir), weights(mesh.dir), rtol=0, atol=1e-4)
@@ -194,7 +291,8 @@ def test_accumulation_activation_checkpointing_bf16_and_async_saves_work_on_the_
     common = (*GPT_RUN, "trainer.max_steps=6", "trainer.accumulate_grad_batches=2",
               "trainer.activation_checkpointing=true")
     plain = run_cli(tmp_path / "plain", *common, nproc=2, timeout=300)
-    split = run_cli(tmp_path / "split", *common, "dist.tp=2", nproc=2, timeout=300)
+    split = run_cli(tmp_path / "split", *common, "dist.tp=2", "dist.sequence_parallel=true", "dist.loss_parallel=true",
+                    nproc=2, timeout=300)
     assert plain.code == 0 and split.code == 0, (plain, split)
     assert_same_weights(weights(plain.dir), weights(split.dir), rtol=0, atol=1e-4)
     fast = run_cli(tmp_path / "bf16", *common, "dist.tp=2", "trainer.precision=bf16", "checkpoint.async_save=true",

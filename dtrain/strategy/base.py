@@ -43,8 +43,9 @@ class Strategy:
         if cfg.dist.tp != 1 and not cls.tensor_parallel:
             fail("dist.tp", cfg.dist.tp, f"tensor parallelism needs dist.strategy=fsdp (FSDP2 over the data-parallel "
                  f"dimension of a 2-D mesh); {cls.describe} cannot hold tensor-parallel parameters")
-        if cfg.dist.tp_plan is not None and cfg.dist.tp == 1:
-            fail("dist.tp_plan", cfg.dist.tp_plan, "a plan splits layers over dist.tp ranks; set dist.tp > 1")
+        for key in ("tp_plan", "sequence_parallel", "loss_parallel"):
+            if getattr(cfg.dist, key) not in (None, False) and cfg.dist.tp == 1:
+                fail(f"dist.{key}", getattr(cfg.dist, key), "it splits layers over dist.tp ranks; set dist.tp > 1")
         for other in others:
             for key, default in other.options.items():
                 if key not in cls.options and get(cfg, key) != default:

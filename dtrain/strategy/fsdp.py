@@ -52,6 +52,9 @@ class FSDP(Strategy):
         if cfg.dist.tp > 1 and cfg.dist.fsdp.meta_init:
             fail("dist.fsdp.meta_init", True, "not with dist.tp > 1 here: the model is built whole, split by the "
                  "tensor-parallel plan, then sharded")
+        if cfg.dist.loss_parallel and (cfg.loss is not None or cfg.trainer.label_smoothing):
+            fail("dist.loss_parallel", True, "it computes the task's own cross-entropy on logits split over the "
+                 "vocabulary, without label smoothing; not with a loss of your own or trainer.label_smoothing > 0")
         if cfg.trainer.precision == Precision.fp16:
             fail("trainer.precision", "fp16", "dist.strategy=fsdp trains in fp32 or bf16 (bf16 parameters, fp32 "
                  "gradient reduction); fp16 would need a sharded gradient scaler")
@@ -83,7 +86,13 @@ class FSDP(Strategy):
             if self.cfg.model.init_from:
                 models.init_from(model, self.cfg.model.name, self.cfg.model.init_from)
             model.to(self.world.device, memory_format=input_format)
-            tensor.apply(model, self.mesh["tp"], tensor.plan_of(model, self.cfg.dist.tp_plan, self.cfg.dist.tp))
+            dist = self.cfg.dist
+            tensor.apply(model, self.mesh["tp"], tensor.plan_of(model, dist.tp_plan, dist.tp, dist.sequence_parallel,
+                                                                dist.loss_parallel))
+            if dist.sequence_parallel:
+                tensor.check_sequence_length(model, dist.tp)
+            if dist.loss_parallel:
+                tensor.enable_loss_parallel()
             self.checkpoint_activations(model)
             return model, self.wrap(model)
         if not self.cfg.dist.fsdp.meta_init:
