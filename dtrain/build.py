@@ -10,6 +10,7 @@ Each of model, data, loss, metrics and callbacks comes from its `_target_` in th
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def parts(cfg: Config, world: w.World, run: RunDir, objects: Optional[Objects] =
                             None if own else tuple(f"val_{m}" for m in (*task.eval_metrics, *metrics)))
     higher = tasks.higher_is_better(monitor, cfg.checkpoint.mode.value)
     callbacks = cb.Callbacks.of(user_callbacks(cfg, given.callbacks),
-                                own_callbacks(cfg, run, splits, task, monitor, higher, optional))
+                                own_callbacks(cfg, run, splits, task, monitor, higher, optional, given))
     samples_per_step = cfg.data.batch_size * tc.accumulate_grad_batches
     return Parts(
         cfg=cfg, world=world, run=run, splits=splits, task=task, loaders=loaders, model=model, strategy=plan,
@@ -165,13 +166,26 @@ def make_model(cfg: Config, splits: data.Splits, given: Objects) -> nn.Module:
     return models.build(cfg.model, splits.task, splits.shape, splits.out, cfg.data.name)
 
 
+def meta_model(cfg: Config, splits: data.Splits, given: Objects) -> nn.Module:
+    """The model built on the meta device: its shapes without memory or a random draw."""
+    with torch.device("meta"):
+        return make_model(cfg, splits, given)
+
+
 def check_tensor_plan(cfg: Config, world: w.World) -> None:
     """What the tensor-parallel plan would refuse on every worker (a glob that matches nothing, a width or
     head count that does not divide by dist.tp), refused once before any starts: the data set is opened for
-    its shapes and the model built on the meta device (no memory, no initialisation)."""
-    splits = data.build(cfg.data, world)
-    with torch.device("meta"):
-        model = make_model(cfg, splits, Objects())
+    its shapes (never downloaded: `download` off) and the model built on the meta device (no memory, no
+    initialisation). Best effort: where either cannot be done here, the workers check at start-up."""
+    import copy
+    options = copy.deepcopy(cfg.data)
+    if "download" in options.kwargs:
+        options.kwargs["download"] = False
+    try:
+        model = meta_model(cfg, data.build(options, dataclasses.replace(world, device=torch.device("cpu"))), Objects())
+    except Exception as e:  # noqa: BLE001 (a data set not yet downloaded, a model that needs real tensors)
+        log.debug(f"dtrain-launch: the tensor-parallel plan is checked by the workers ({type(e).__name__}: {e})")
+        return
     tensor.plan_of(model, cfg.dist.tp_plan, cfg.dist.tp, cfg.dist.sequence_parallel, cfg.dist.loss_parallel)
 
 
@@ -208,13 +222,16 @@ def user_callbacks(cfg: Config, given: tuple) -> dict[str, Any]:
 
 
 def own_callbacks(cfg: Config, run: RunDir, splits: data.Splits, task: Task, monitor: str,
-                  higher: bool, optional: bool = False) -> dict[str, Any]:
+                  higher: bool, optional: bool = False, given: Optional[Objects] = None) -> dict[str, Any]:
     """dtrain's own callbacks, after the user's: early stopping, throughput/MFU, the profiler, the plots."""
     es = cfg.trainer.early_stopping
+    whole = None
+    if cfg.dist.tp > 1:  # FLOPs counted on the unsplit model, built on the meta device (no memory, no random draw)
+        whole = lambda: meta_model(cfg, splits, given or Objects())  # noqa: E731
     own: dict[str, Any] = {
         "early_stopping": cb.EarlyStopping(monitor, es.patience, es.min_delta, higher, cfg.trainer.epochs, optional),
-        "throughput": cb.Throughput(perf.example_input(splits.train, splits.shape),
-                                    cfg.trainer.precision != Precision.fp32), "memory": cb.Memory()}
+        "throughput": cb.Throughput(perf.example_input(splits.shape, splits.input_dtype),
+                                    cfg.trainer.precision != Precision.fp32, whole), "memory": cb.Memory()}
     if cfg.trainer.profile:
         own["profiler"] = cb.Profiler(run.track(run.path / "profile"))
     if cfg.logger.plots:

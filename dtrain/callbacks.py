@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch import nn
 
 from dtrain import contracts
 from dtrain.errors import ConfigError, ContractError
@@ -161,14 +162,22 @@ class Throughput(Callback):
     """FLOP/s from the model's FLOPs per sample (counted once, from one forward pass) and the loop's
     samples/s, and model FLOP utilisation where the GPU's peak is known."""
 
-    def __init__(self, example: Optional[torch.Tensor], precision_is_low: bool):
+    def __init__(self, example: Optional[torch.Tensor], precision_is_low: bool,
+                 whole: Optional[Callable[[], nn.Module]] = None):
         self.example, self.low = example, precision_is_low  # one input, zeros (perf.example_input)
+        # Under tensor parallelism the trained model's split layers hand on slices that a counter would count
+        # as whole inputs (attention with 1/tp of its heads): `whole` builds the unsplit model on the meta
+        # device to count on instead.
+        self.whole = whole
         self.flops_per_sample: Optional[int] = None
         self.peak: Optional[float] = None
 
     def on_fit_start(self, trainer) -> None:
         from dtrain import perf
-        self.flops_per_sample = perf.training_flops_per_sample(trainer.model, self.example, trainer.world.device)
+        if self.whole is not None:
+            self.flops_per_sample = perf.training_flops_per_sample(self.whole(), self.example, torch.device("meta"))
+        else:
+            self.flops_per_sample = perf.training_flops_per_sample(trainer.model, self.example, trainer.world.device)
         self.peak = perf.peak_flops(trainer.world.device, self.low)
 
     def add(self, metrics: dict, world_size: int) -> None:

@@ -94,11 +94,15 @@ class GPT(nn.Module):
                                                 output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                                 use_local_output=not loss_parallel)})
         if sequence_parallel:
+            # Gathered once on entry to attention and the MLP, handed on as a DTensor so that the backward
+            # sums q's, k's and v's input gradients first and reduce-scatters them once (torchtitan's layout).
             gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                        use_local_output=True)
+                                        use_local_output=False)
+            # Dropout stays out of the plan: on its plain slice it draws from the group's own random stream
+            # (a DTensor dropout would draw from PyTorch's tracker, seeded alike on every rank of the world).
             on_slices = SequenceParallel(use_local_output=True)
             plan.update({"wpe": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
-                         "drop": on_slices, "ln_f": on_slices, "h.*.ln_1": on_slices, "h.*.ln_2": on_slices,
+                         "ln_f": on_slices, "h.*.ln_1": on_slices, "h.*.ln_2": on_slices,
                          "h.*.attn": gather, "h.*.mlp": gather,
                          "h.*.attn.proj": RowwiseParallel(output_layouts=Shard(1)),
                          "h.*.mlp.proj": RowwiseParallel(output_layouts=Shard(1))})

@@ -4,7 +4,7 @@ activation checkpointing."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -34,8 +34,9 @@ PEAK_FLOPS = {
 def training_flops_per_sample(model: nn.Module, example: Optional[torch.Tensor], device: torch.device) -> Optional[int]:
     """FLOPs to train on one sample: a counted forward pass of `example` (one input, batch of 1) times 3 (the
     backward pass costs about two forwards). Counted in eval mode so BatchNorm's running statistics are
-    untouched; None without an example or if an operator cannot be counted. Under tensor parallelism the
-    counter sees the whole (DTensor) shapes: the FLOPs of the whole model, whichever ranks share them."""
+    untouched; None without an example or if an operator cannot be counted. PyTorch's counter has no formula
+    for the CPU's attention kernel (scaled_dot_product_attention counts 0 there; on CUDA and on the meta
+    device it counts)."""
     from torch.utils.flop_counter import FlopCounterMode
     if example is None:
         return None
@@ -52,22 +53,10 @@ def training_flops_per_sample(model: nn.Module, example: Optional[torch.Tensor],
         model.train(was_training)
 
 
-def example_input(dataset: Any, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
-    """Zeros shaped and typed as one input of `dataset`, batch of 1, to count FLOPs with (token ids stay
-    integers): its first sample is read with every random state put back (an augmentation draws); a stream's
-    is not read (float zeros of `shape`); an input that is not one tensor (a dict) gives None."""
-    from dtrain import batches
-    from dtrain.checkpoint import rng_state, set_rng_state
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
-        return torch.zeros(1, *shape)
-    state = rng_state()
-    try:
-        x = batches.pair(dataset[0])[0]
-    except Exception:  # counting FLOPs never stops a run: the run's own first batch reports what is wrong
-        return None
-    finally:
-        set_rng_state(state)
-    return torch.zeros(1, *x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else None
+def example_input(shape: tuple[int, ...], dtype: Optional[str]) -> Optional[torch.Tensor]:
+    """Zeros shaped and typed as one input (batch of 1; `dtype` a data set's input dtype name, token ids
+    stay integers), to count FLOPs with; None for inputs without one shape (dicts)."""
+    return torch.zeros(1, *shape, dtype=getattr(torch, dtype or "float32")) if shape else None
 
 
 def peak_flops(device: torch.device, low_precision: bool) -> Optional[float]:

@@ -23,15 +23,16 @@ from dtrain.tasks.language_modeling import LanguageModeling
 
 
 class Tagger(nn.Module):
-    """A user's per-position model ([N, T, F] -> [N, T, C]) whose norm a dist.tp_plan marks `sequence`."""
+    """A user's per-position model ([N, T, F] -> [N, T, C]) whose norm and dropout (a module without
+    parameters: it runs on a plain slice) a dist.tp_plan marks `sequence`."""
 
     def __init__(self):
         super().__init__()
-        self.inp, self.norm = nn.Linear(6, 16), nn.LayerNorm(16)
+        self.inp, self.norm, self.drop = nn.Linear(6, 16), nn.LayerNorm(16), nn.Dropout(0.0)
         self.w1, self.w2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 5)
 
     def forward(self, x):
-        h = self.norm(self.inp(x))
+        h = self.drop(self.norm(self.inp(x)))
         return self.head(h + self.w2(torch.relu(self.w1(h))))
 
 
@@ -73,7 +74,8 @@ def main(out_path):
         "loss": compare(gpt, tokens, target, (None, tp, False, True), mesh, loss_parallel=True),
         "both": compare(gpt, tokens, target, (None, tp, True, True), mesh, loss_parallel=True),
         "tp_plan_sequence": compare(Tagger, torch.randn(4, 8, 6, generator=g), torch.randint(5, (4, 8), generator=g),
-                                    ([{"module": "norm", "style": "sequence"}, {"module": "w1", "style": "colwise"},
+                                    ([{"module": "norm", "style": "sequence"}, {"module": "drop", "style": "sequence"},
+                                      {"module": "w1", "style": "colwise"},
                                       {"module": "w2", "style": "rowwise"}], tp, True, False), mesh),
     }
     try:

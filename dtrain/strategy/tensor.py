@@ -9,8 +9,9 @@ whose values are these names or PyTorch's own `ParallelStyle`s: model=gpt's spli
 MLP's width (Megatron's pairs), and with dist.sequence_parallel keeps the activations between the pairs split
 along the sequence (reduce-scatter and all-gather in place of all-reduce), with dist.loss_parallel splits its
 head over the vocabulary and computes the cross-entropy on the split logits. `dist.tp_plan` gives a plan
-for any model. Widths that do not divide by tp, globs that match nothing, split ties: one line, before the
-first step (the launcher checks them before any worker starts).
+for any model. Widths that do not divide by tp, globs that match nothing: one line before any worker starts
+(the launcher builds the model on the meta device to check), and again at each worker's start; a tie the
+plan splits two ways: one line at start-up.
 """
 
 from __future__ import annotations
@@ -126,9 +127,9 @@ def apply(model: nn.Module, mesh: Any, plan: Mapping[str, Any]) -> None:
         for name, other_attr in others:
             other = getattr(model.get_submodule(name), other_attr)
             if _layout(other) != _layout(kept):
-                raise ConfigError(f"dist.tp_plan: {first}.{attr} and {name}.{other_attr} are one (tied) parameter, "
-                                  f"which the plan splits differently ({_layout(kept)} and {_layout(other)}); "
-                                  "plan both modules alike, or neither")
+                raise ConfigError(f"tensor-parallel plan: {first}.{attr} and {name}.{other_attr} are one (tied) "
+                                  f"parameter, which the plan splits differently ({_layout(kept)} and "
+                                  f"{_layout(other)}); plan both modules alike, or neither")
             setattr(model.get_submodule(name), other_attr, kept)
 
 
@@ -148,10 +149,12 @@ def _layout(p: torch.Tensor) -> str:
 
 def sequence_slice() -> Any:
     """Style `sequence` of a dist.tp_plan: the module (a norm, dropout) runs on this rank's slice of
-    dimension 1 of its input, which every tp rank holds whole (cut, no communication); its parameters are
-    replicated (their gradients summed over the slices); its output is gathered whole again. Correct
-    wherever it stands in a plan; it saves the module's activations and work, not communication. (Built
-    here, not at import: PyTorch's tensor-parallel package takes half a second to import.)"""
+    dimension 1 of its input, which every tp rank holds whole (cut, no communication); its output is gathered
+    whole again. Its parameters are replicated DTensors (their gradients summed over the slices); a module
+    without parameters (dropout) gets its plain slice, so it draws from the group's own random stream, not
+    PyTorch's DTensor tracker (seeded alike on every rank of the world). Correct wherever it stands in a
+    plan; it saves the module's activations and work, not communication. (Built here, not at import:
+    PyTorch's tensor-parallel package takes half a second to import.)"""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
     from torch.distributed.tensor.parallel import ParallelStyle
 
@@ -160,10 +163,14 @@ def sequence_slice() -> Any:
             module.register_parameter(key, nn.Parameter(distribute_tensor(p, mesh, [Replicate()])))
 
     def slice_input(module, inputs, mesh):
-        return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)])
-                     if isinstance(t, torch.Tensor) else t for t in inputs)
+        plain = next(module.parameters(recurse=True), None) is None
+        sliced = (DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)])
+                  if isinstance(t, torch.Tensor) else t for t in inputs)
+        return tuple(t.to_local() if plain and isinstance(t, DTensor) else t for t in sliced)
 
     def gather_output(module, out, mesh):
+        if not isinstance(out, DTensor):
+            out = DTensor.from_local(out, mesh, [Shard(1)], run_check=False)
         return out.redistribute(mesh, [Replicate()]).to_local()
 
     class SequenceSlice(ParallelStyle):
