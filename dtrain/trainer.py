@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -52,8 +52,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer = parts.optimizer
         self.scheduler: Any = parts.scheduler
         self.scaler: torch.amp.GradScaler = parts.scaler
-        self.loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = parts.loss
-        self.custom_loss: bool = parts.custom_loss
+        self.loss, self.custom_loss = parts.loss, parts.custom_loss  # custom: the user's (named in its errors)
         self.metrics: dict[str, Any] = parts.metrics
         self.callbacks: Callbacks = parts.callbacks
         self.logger: MetricLogger = parts.logger
@@ -233,6 +232,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.loaders.close()  # their workers now, not at garbage collection (see data.loaders.shut_down_workers)
 
 
 def evaluate_split(t: Trainer, loader, name: str) -> dict:

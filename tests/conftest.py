@@ -52,6 +52,9 @@ def make_config(*overrides: str) -> Config:
     return app.make_config(compose_dcfg(*overrides))
 
 
+MADE_TRAINERS: list = []  # this test's (their data workers end with it)
+
+
 def make_trainer(tmp_path: Path, *overrides: str, world=None):
     from dtrain import build
     from dtrain import world as w
@@ -60,7 +63,18 @@ def make_trainer(tmp_path: Path, *overrides: str, world=None):
     cfg = make_config(*overrides)
     tmp_path.mkdir(parents=True, exist_ok=True)  # Hydra makes the run folder in a real run
     world = world or w.from_env(cfg.trainer.device, cfg.dist.backend, env={})
-    return Trainer(build.parts(cfg, world, RunDir(tmp_path, world)))
+    trainer = Trainer(build.parts(cfg, world, RunDir(tmp_path, world)))
+    MADE_TRAINERS.append(trainer)
+    return trainer
+
+
+@pytest.fixture(autouse=True)
+def end_data_workers():
+    """The data workers of the trainers a test made end with it, as a run's own close ends them: a trainer a
+    test drops would leave them to garbage collection, 10 s per loader, in some later test."""
+    yield
+    while MADE_TRAINERS:
+        MADE_TRAINERS.pop().loaders.close()
 
 
 class Run:

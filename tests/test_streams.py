@@ -38,6 +38,26 @@ def test_a_stream_with_two_workers_resumes_exactly_after_a_crash(tmp_path, quiet
         assert torch.equal(a, b), name
 
 
+def test_a_run_that_ends_or_raises_ends_its_data_workers_with_it(tmp_path, quiet_logs, monkeypatch,
+                                                                   streams_importable):
+    """Not left to garbage collection, which may close a loader's queues before it asks its workers to stop:
+    each worker then waited out PyTorch's 5 s poll, 20 s at the end of this run."""
+    import multiprocessing
+    job = (*JOB, "+data.stateful=true", "data.num_workers=2", "trainer.epochs=1")
+    finished = make_trainer(tmp_path / "finished", *job)
+    finished.fit()
+    assert multiprocessing.active_children()  # persistent workers, kept between epochs
+    finished.close()
+    assert multiprocessing.active_children() == []
+    restore = crash_after_step(monkeypatch, 3)
+    crashed = make_trainer(tmp_path / "crashed", *job)
+    with pytest.raises(RuntimeError, match="crash"):
+        crashed.fit()
+    restore()
+    crashed.close()  # as dtrain's own runs close theirs, in a finally
+    assert multiprocessing.active_children() == []
+
+
 @pytest.mark.slow
 def test_two_ranks_with_two_workers_each_train_on_no_item_twice_and_end_together(tmp_path):
     ids = tmp_path / "ids"

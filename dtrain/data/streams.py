@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -90,6 +91,7 @@ def loader(stream: IterableDataset, dp: w.World, batch_size: int, options: dict,
         def __iter__(self):
             with signals.blocked_in_children():  # workers (if any) are started here
                 batches = super().__iter__()
+            self.last_iterator = weakref.ref(batches)  # for loaders.shut_down_workers
             return errors(batches)
 
     share = (StatefulShard if has_state(stream) else Share)(stream, dp.rank, dp.world_size)
