@@ -276,8 +276,8 @@ def test_a_2x2_run_stopped_by_sigterm_resumes_bit_identically_and_continues_at_o
     resumed = run_cli(tmp_path / "run", *common, "dist.tp=2", nproc=4, timeout=600)
     assert resumed.code == 0 and "resumed from" in resumed.out, resumed
     assert_same_weights(weights(reference.dir), weights(tmp_path / "run"), rtol=0, atol=0)
-    # The 2x2 checkpoint continues on 2 ranks without tensor parallelism, and in one process.
-    for nproc, name in ((2, "two"), (1, "one")):
+    # The 2x2 checkpoint continues on 4 and on 2 ranks without tensor parallelism, and in one process.
+    for nproc, name in ((4, "four"), (2, "two"), (1, "one")):
         shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / name / "checkpoints")
         more = run_cli(tmp_path / name, *GPT_RUN, "trainer.max_steps=30", "checkpoint.allow_config_change=true",
                        "trainer.log_every_n_steps=1", nproc=nproc, timeout=600)
@@ -288,6 +288,35 @@ def test_a_2x2_run_stopped_by_sigterm_resumes_bit_identically_and_continues_at_o
                                f"out={tmp_path / 'gpt.onnx'}"], cwd=ROOT, env=CHILD_ENV,
                               capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0 and "onnxruntime output within" in exported.stdout, exported.stderr[-3000:]
+    plain = subprocess.run([sys.executable, "-m", "dtrain.export", f"ckpt={latest}", "format=state_dict",
+                            f"out={tmp_path / 'gpt.pt'}"], cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    state = torch.load(tmp_path / "gpt.pt", map_location="cpu")
+    state = state.get("model", state)
+    assert_same_weights(weights(tmp_path / "run"), state, rtol=0, atol=0)  # plain names and whole shapes
+    torch.save(torch.zeros(2, 64, dtype=torch.long), tmp_path / "tokens.pt")  # two windows of token ids
+    predicted = subprocess.run([sys.executable, "-m", "dtrain.predict", f"ckpt={latest}",
+                                f"input={tmp_path / 'tokens.pt'}", "topk=3"], cwd=ROOT, env=CHILD_ENV,
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0 and "tokens.pt[1]:" in predicted.stdout, predicted.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,nproc", [("ddp", 2), ("fsdp", 4)])
+def test_a_ddp_or_fsdp_only_checkpoint_continues_at_2x2_as_it_continues_at_its_own_shape(tmp_path, strategy, nproc):
+    """Same global batch, so the same trajectory: continued at 2x2 (FSDP over dp=2, tp=2), a checkpoint of a run
+    without tensor parallelism reaches the weights it reaches where it was written."""
+    first = run_cli(tmp_path / "first", *GPT_RUN, f"dist.strategy={strategy}", "trainer.max_steps=12", nproc=nproc,
+                    timeout=600)
+    assert first.code == 0, first
+    runs = {}
+    for name, layout, n in (("same", (f"dist.strategy={strategy}",), nproc), ("mesh", ("dist.tp=2",), 4)):
+        shutil.copytree(tmp_path / "first" / "checkpoints", tmp_path / name / "checkpoints")
+        runs[name] = run_cli(tmp_path / name, *GPT_RUN, *layout, "trainer.max_steps=18",
+                             "checkpoint.allow_config_change=true", "trainer.log_every_n_steps=1", nproc=n, timeout=600)
+        assert runs[name].code == 0 and "resumed from" in runs[name].out and " step 13/" in runs[name].out, runs[name]
+    assert_same_weights(weights(runs["same"].dir), weights(runs["mesh"].dir), rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
