@@ -293,6 +293,21 @@ HAND_COUNTED = {
 }
 
 
+@pytest.mark.unit
+def test_mfu_is_the_flops_trained_over_the_peak_of_every_rank(monkeypatch):
+    """On a GPU whose name is in perf.PEAK_FLOPS (no GPU needed: the name is all it reads), for the precision
+    trained in; the throughput is every rank's samples, so the peak is the world's."""
+    from dtrain import callbacks, perf
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert perf.peak_flops(torch.device("cuda"), True) == 989e12  # bf16/fp16 dense
+    assert perf.peak_flops(torch.device("cuda"), False) == 67e12
+    throughput = callbacks.Throughput(None, True)
+    throughput.flops_per_sample, throughput.peak = 3e9, 989e12
+    metrics = {"samples_per_sec": 8_000.0}
+    throughput.add(metrics, world_size=4)
+    assert metrics["flops_per_sec"] == 2.4e13 and metrics["mfu"] == pytest.approx(2.4e13 / (4 * 989e12))
+
+
 @pytest.mark.parametrize("name", sorted(HAND_COUNTED))
 def test_flops_are_counted_from_the_model_and_reported_per_epoch_and_in_the_summary(tmp_path, quiet_logs, name):
     from dtrain import perf
