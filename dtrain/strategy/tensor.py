@@ -17,6 +17,7 @@ plan splits two ways: one line at start-up.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 from typing import Any, Iterable, Mapping
 
@@ -162,8 +163,7 @@ def sequence_slice() -> Any:
         for key, p in list(module.named_parameters(recurse=False)):
             module.register_parameter(key, nn.Parameter(distribute_tensor(p, mesh, [Replicate()])))
 
-    def slice_input(module, inputs, mesh):
-        plain = next(module.parameters(recurse=True), None) is None
+    def slice_input(plain, module, inputs, mesh):
         sliced = (DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)])
                   if isinstance(t, torch.Tensor) else t for t in inputs)
         return tuple(t.to_local() if plain and isinstance(t, DTensor) else t for t in sliced)
@@ -175,7 +175,8 @@ def sequence_slice() -> Any:
 
     class SequenceSlice(ParallelStyle):
         def _apply(self, module: nn.Module, mesh: Any) -> nn.Module:
-            return distribute_module(module, mesh, partition, slice_input, gather_output)
+            plain = next(module.parameters(), None) is None  # known once, not looked up every forward
+            return distribute_module(module, mesh, partition, functools.partial(slice_input, plain), gather_output)
 
     return SequenceSlice()
 
